@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: a small tokenizer with Qwen's special tokens (no hub access exists here or in CI)."""
+import pytest
+import torch
+import model
+
+CORPUS = ["<think>In the first frames the red square is at the left. So it moves right.</think>\n<answer>B</answer>",
+          "What colour is the square? Options:\nA. red\nB. green\nC. blue\nD. yellow\n",
+          "Please think about this question as if you were a human pondering deeply. Provide your detailed reasoning "
+          "between the <think> and </think> tags, and then give your final answer between the <answer> and </answer> tags."]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return model.build_tokenizer(CORPUS * 4)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny Qwen2.5-VL, written with save_pretrained and loaded back through the checkpoint path."""
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
+    model.ensure_tiny_model(path, CORPUS * 4)
+    net, tok = model.load_model(path, "cpu")
+    return net.eval(), tok, path
+
+
+def random_clip(t, height, width, is_video=True, second_per_grid=1.0, seed=0):
+    """A clip of random pixels with t temporal patches (pixel content does not matter to position/equality tests)."""
+    from data import Clip, PATCH
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(t * (height // PATCH) * (width // PATCH), 3 * 2 * PATCH * PATCH, generator=g)
+    return Clip(pixels, (t, height // PATCH, width // PATCH), is_video, second_per_grid)
+
+
+def encode_text(tok, text, clip):
+    """Token ids and mm types of a chat prompt around `clip` (None: a text-only prompt)."""
+    import data
+    prompt = data.chat_prompt(text, clip) if clip else f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    kinds = {tok.convert_tokens_to_ids(t): kind for t, kind in data.MM_TYPE.items()}
+    return ids, [kinds.get(i, 0) for i in ids]

@@ -1,0 +1,212 @@
+"""Everything the scripts share: loading Qwen2.5-VL, M-RoPE positions, vision-once forward, KV-cache generation,
+per-token log-probs, atomic checkpoints, the configurator and distributed set-up."""
+import os
+import sys
+import json
+from dataclasses import dataclass
+import torch
+from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TINY_VOCAB = 512  # the synthetic task's text needs few merges; a small vocab keeps the tiny model at ~0.7 M params
+
+# ----------------------------------------------------------------------------- the built-in tiny model
+
+def build_tokenizer(texts, vocab_size=TINY_VOCAB):
+    """A byte-level BPE tokenizer trained on `texts`, carrying Qwen's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+def tiny_config(tokenizer):
+    """A Qwen2.5-VL of the released architecture, only small: 2 text layers of width 128, a 2-block vision tower."""
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    # tokens_per_second 2 as in the 7B checkpoint, so temporal spacing behaves as at paper scale
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                  fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def ensure_tiny_model(path, texts, seed=0):
+    """Write the tiny model + tokenizer to `path` once, so every script loads it like a real checkpoint folder."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+    tmp = path.rstrip("/") + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path, device, grad_ckpt=False, attn="sdpa"):
+    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU; never runs remote code."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                               trust_remote_code=False).to(device)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model, tokenizer
+
+# ----------------------------------------------------------------------------- M-RoPE positions, by hand
+
+def mrope_positions(mm_types, clip, tokens_per_second):
+    """(3, L) positions of one unpadded prompt with at most one vision block, by the rule the released checkpoints
+    were trained with: vision tokens get (start + t*tokens_per_second*second_per_grid, start + row, start + col);
+    text after the block resumes at the block's largest position + 1. transformers 5.24's get_rope_index resumes at
+    start + max(h, w)/2 instead (NOTES.md), which overlaps a long video's temporal positions."""
+    L = len(mm_types)
+    pos = torch.arange(L).expand(3, L).clone()
+    vision = torch.tensor(mm_types).nonzero().flatten()
+    if len(vision) == 0:
+        return pos
+    start, end = vision[0].item(), vision[-1].item() + 1
+    assert end - start == len(vision) == clip.num_tokens, "one contiguous vision block per prompt, sized to its clip"
+    t, h, w = clip.grid_thw[0], clip.grid_thw[1] // 2, clip.grid_thw[2] // 2
+    # float32 product floored, exactly as Qwen's code computes it; images have no temporal spacing
+    step = torch.tensor(clip.second_per_grid if clip.is_video else 0.0, dtype=torch.float32) * tokens_per_second
+    grid = torch.meshgrid((torch.arange(t) * step).long(), torch.arange(h), torch.arange(w), indexing="ij")
+    block = torch.stack(grid).reshape(3, -1) + start
+    pos[:, start:end] = block
+    pos[:, end:] = block.max() + 1 + torch.arange(L - end)
+    return pos
+
+# ----------------------------------------------------------------------------- batches, vision once, forward
+
+def unwrap(model):
+    """The Qwen2.5-VL module inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts; row b shows clips[row_clip[b]] (None: text only). Rows may share a clip."""
+    input_ids: torch.Tensor       # (B, P)
+    attention_mask: torch.Tensor  # (B, P) 1 on real tokens
+    mm_types: torch.Tensor        # (B, P) 0 text, 1 image pad, 2 video pad
+    position_ids: torch.Tensor    # (3, B, P) M-RoPE, pads at 0
+    next_pos: torch.Tensor        # (B,) position of the first generated token
+    clips: list
+    row_clip: list
+
+
+def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device="cpu"):
+    """encoded[b] = (ids, mm_types) of row b, as data.encode_prompt returns them."""
+    B, P = len(encoded), max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P, dtype=torch.long)
+    mm_types = torch.zeros(B, P, dtype=torch.long)
+    position_ids = torch.zeros(3, B, P, dtype=torch.long)
+    for b, (ids, types) in enumerate(encoded):
+        n = len(ids)
+        clip = clips[row_clip[b]] if row_clip[b] is not None else None
+        input_ids[b, P - n:], mm_types[b, P - n:], attention_mask[b, P - n:] = torch.tensor(ids), torch.tensor(types), 1
+        position_ids[:, b, P - n:] = mrope_positions(types, clip, tokens_per_second)
+    next_pos = position_ids.amax(dim=(0, 2)) + 1
+    to = lambda x: x.to(device)
+    return PromptBatch(to(input_ids), to(attention_mask), to(mm_types), to(position_ids), to(next_pos), clips, row_clip)
+
+
+def encode_vision(model, clips):
+    """Run the vision tower once over the given clips (one call for all); returns per-clip merged features."""
+    visual = unwrap(model).model.visual
+    device = next(visual.parameters()).device
+    pixels = torch.cat([c.pixel_values for c in clips]).to(device, visual.dtype)
+    grids = torch.tensor([c.grid_thw for c in clips], device=device)
+    return visual(pixels, grid_thw=grids).pooler_output.split([c.num_tokens for c in clips])
+
+
+def embed_prompts(model, batch):
+    """Token embeddings with each distinct clip's features scattered into every row that shows it. Indexing the
+    shared features per row lets autograd sum the rows' gradients into one encoding: the same gradients as if
+    each row had encoded its own copy, at 1/rows the vision cost."""
+    embeds = unwrap(model).model.get_input_embeddings()(batch.input_ids)
+    used = sorted({c for c in batch.row_clip if c is not None})
+    if not used:
+        return embeds
+    features = dict(zip(used, encode_vision(model, [batch.clips[c] for c in used])))
+    per_row = torch.cat([features[c] for c in batch.row_clip if c is not None]).to(embeds.dtype)
+    vision_mask = (batch.mm_types != 0).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(vision_mask, per_row)
+
+
+def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
+    """The language model on embeddings with explicit 3-D positions; logits are left to the caller, so that only
+    completion positions ever pay for the (vocab-sized) head."""
+    lm = unwrap(model).model.language_model
+    return lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+              use_cache=cache is not None).last_hidden_state
+
+
+def completion_logprobs(model, batch, completion_ids, completion_mask):
+    """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion."""
+    B, T = completion_ids.shape
+    P = batch.input_ids.shape[1]
+    embed_tokens = unwrap(model).model.get_input_embeddings()
+    embeds = torch.cat([embed_prompts(model, batch), embed_tokens(completion_ids)], dim=1)  # (B, P+T, D)
+    completion_pos = (batch.next_pos[:, None] + torch.arange(T, device=completion_ids.device)).expand(3, B, T)
+    positions = torch.cat([batch.position_ids, completion_pos], dim=2)                    # (3, B, P+T)
+    mask = torch.cat([batch.attention_mask, completion_mask.long()], dim=1)
+    hidden = hidden_states(model, embeds, positions, mask)[:, P - 1:-1]                    # (B, T, D) predicts token t
+    logits = unwrap(model).lm_head(hidden).float()                                          # (B, T, V)
+    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+# ----------------------------------------------------------------------------- generation with a KV cache
+
+def sample_token(logits, temperature, top_p, generator):
+    """temperature 0 is greedy; otherwise nucleus sampling from the smallest set of tokens with mass >= top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, generator=None):
+    """Batched prefill, then one token per step from the KV cache; a row stops at its first stop token.
+    Returns completion ids (B, T) padded with pad_id, and a mask (B, T) of the tokens up to and including the stop."""
+    inner = unwrap(model)
+    B = batch.input_ids.shape[0]
+    cache = DynamicCache(config=inner.config)
+    mask = batch.attention_mask
+    last = hidden_states(model, embed_prompts(model, batch), batch.position_ids, mask, cache)[:, -1]
+    position = batch.next_pos.clone()
+    stop = torch.tensor(stop_ids, device=position.device)
+    done = torch.zeros(B, dtype=torch.bool, device=position.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = sample_token(inner.lm_head(last).float(), temperature, top_p, generator).masked_fill(done, pad_id)
+        tokens.append(token)
+        done |= torch.isin(token, stop)
+        if done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        text_pos = position.view(1, B, 1).expand(3, B, 1)  # after the prompt all three M-RoPE rows advance together
+        last = hidden_states(model, inner.model.get_input_embeddings()(token[:, None]), text_pos, mask, cache)[:, -1]
+        position += 1
+    ids = torch.stack(tokens, dim=1)
+    is_stop = torch.isin(ids, stop).long()
+    return ids, ((is_stop.cumsum(1) - is_stop) == 0).long()

@@ -1,0 +1,132 @@
+"""model.py on the tiny Qwen2.5-VL: positions, vision once, hand-written generation, log-probs."""
+import torch
+import pytest
+import model as M
+from conftest import random_clip, encode_text
+
+TPS = 2  # tokens_per_second of the tiny config, as in the 7B checkpoint
+
+
+def batch_of(tok, rows, clips, row_clip):
+    return M.collate_prompts([encode_text(tok, text, clips[c] if c is not None else None) for text, c in zip(rows, row_clip)],
+                             clips, row_clip, tok.pad_token_id, TPS)
+
+
+def test_video_positions_follow_the_checkpoint_rule_not_transformers_5(tiny):
+    net, tok, _ = tiny
+    clip = random_clip(8, 112, 112, second_per_grid=1.0)  # 8 temporal patches of 1 s, a 4x4 merged grid
+    ids, types = encode_text(tok, "red", clip)
+    start = types.index(2)
+    pos = M.mrope_positions(types, clip, TPS)
+    block = pos[:, start:start + clip.num_tokens]
+    assert block[0].unique().tolist() == [start + 2 * t for t in range(8)]  # 1 s x 2 tokens/s apart
+    assert block[1].unique().tolist() == block[2].unique().tolist() == [start + i for i in range(4)]
+    after = start + clip.num_tokens
+    assert pos[:, after].tolist() == [start + 14 + 1] * 3  # largest vision position (the last frame) + 1
+    hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]), video_grid_thw=torch.tensor([clip.grid_thw]),
+                                     second_per_grid_ts=torch.tensor([1.0]))
+    assert hf[0, 0, after].item() == start + 4  # transformers 5.24 resumes at start + max(h, w)/2: overlapping frames
+    assert torch.equal(hf[:, 0, :after], pos[:, :after])  # the vision block itself agrees
+
+
+def test_image_positions_equal_transformers(tiny):
+    net, tok, _ = tiny
+    clip = random_clip(1, 56, 112, is_video=False)
+    ids, types = encode_text(tok, "what colour is the square?", clip)
+    hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]), image_grid_thw=torch.tensor([clip.grid_thw]))
+    assert torch.equal(hf[:, 0], M.mrope_positions(types, clip, TPS))
+
+
+def test_missing_mm_token_type_ids_changes_the_output(tiny):
+    """transformers 5 silently gives media tokens 1-D positions without mm_token_type_ids; our path must match the
+    3-D one, and the two must differ, or this test could not catch the mistake."""
+    net, tok, _ = tiny
+    clip = random_clip(1, 56, 112, is_video=False)
+    ids, types = encode_text(tok, "what colour is the square?", clip)
+    batch = M.collate_prompts([(ids, types)], [clip], [0], tok.pad_token_id, TPS)
+    kwargs = dict(input_ids=batch.input_ids, pixel_values=clip.pixel_values, image_grid_thw=torch.tensor([clip.grid_thw]))
+    with torch.no_grad():
+        with_types = net(**kwargs, mm_token_type_ids=batch.mm_types).logits
+        without = net(**kwargs).logits
+        ours = net.lm_head(M.hidden_states(net, M.embed_prompts(net, batch), batch.position_ids, batch.attention_mask))
+    torch.testing.assert_close(ours, with_types, rtol=0, atol=1e-5)
+    assert (without - with_types).abs().max() > 1e-3
+
+
+def test_vision_once_equals_pixels_repeated_per_row(tiny):
+    """Log-probs and parameter gradients equal the plain transformers forward with each row's pixels repeated."""
+    net, tok, _ = tiny
+    net.zero_grad()
+    clips = [random_clip(4, 56, 56, seed=1), random_clip(4, 56, 56, seed=2)]
+    row_clip = [0, 0, 0, 1, 1]  # three rows share the ordered clip, two the shuffled one
+    batch = batch_of(tok, ["red", "red square", "blue", "red", "it moves right"], clips, row_clip)
+    completion = torch.randint(10, 200, (5, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    ours = M.completion_logprobs(net, batch, completion, mask)
+    ours.sum().backward()
+    ours_grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+
+    P = batch.input_ids.shape[1]
+    positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(6)).expand(3, 5, 6)], dim=2)
+    logits = net(input_ids=torch.cat([batch.input_ids, completion], 1), attention_mask=torch.cat([batch.attention_mask, mask], 1),
+                 position_ids=positions, pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
+                 video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
+    plain = logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+    plain.sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    assert len(ours_grads) == len([p for p in net.parameters() if p.grad is not None])
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert ours_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # gradients do reach the vision tower
+    net.zero_grad()
+
+
+def test_greedy_generation_equals_model_generate(tiny):
+    """Image and text prompts of different lengths, left-padded: token for token (both position rules agree here)."""
+    net, tok, _ = tiny
+    clips = [random_clip(1, 56, 84, is_video=False, seed=3), random_clip(1, 112, 56, is_video=False, seed=4)]
+    row_clip = [0, 1, None, 0]
+    batch = batch_of(tok, ["what colour?", "what shape is the object in the picture?", "hello", "the red square"], clips, row_clip)
+    ours, mask = M.generate(net, batch, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    image_rows = [c for c in row_clip if c is not None]
+    ref = net.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=batch.mm_types,
+                       pixel_values=torch.cat([clips[c].pixel_values for c in image_rows]),
+                       image_grid_thw=torch.tensor([clips[c].grid_thw for c in image_rows]),
+                       max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ref = ref[:, batch.input_ids.shape[1]:]
+    assert ours.shape[1] == ref.shape[1]
+    assert torch.equal(ours * mask, ref * mask)
+
+
+def test_video_generation_equals_naive_loop_without_cache(tiny):
+    net, tok, _ = tiny
+    clips = [random_clip(4, 56, 56, second_per_grid=1.0, seed=5), random_clip(2, 56, 112, second_per_grid=0.5, seed=6)]
+    row_clip = [0, 1, 0]
+    batch = batch_of(tok, ["which way does it move?", "red", "what appears first, the red or the blue square?"], clips, row_clip)
+    ours, mask = M.generate(net, batch, 8, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    ids, attn, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+    embed = net.model.get_input_embeddings()
+    with torch.no_grad():
+        vision = M.embed_prompts(net, batch)
+        for step in range(ours.shape[1]):
+            embeds = torch.cat([vision, embed(ids[:, batch.input_ids.shape[1]:])], 1)
+            token = net.lm_head(M.hidden_states(net, embeds, pos, attn)[:, -1]).argmax(-1)
+            assert torch.equal(token[mask[:, step].bool()], ours[mask[:, step].bool(), step])
+            ids = torch.cat([ids, ours[:, step:step + 1]], 1)
+            attn = torch.cat([attn, torch.ones(3, 1, dtype=torch.long)], 1)
+            pos = torch.cat([pos, (batch.next_pos + step).view(1, 3, 1).expand(3, 3, 1)], 2)
+
+
+def test_sampling_is_seeded_and_respects_top_p(tiny):
+    net, tok, _ = tiny
+    clip = random_clip(2, 56, 56)
+    batch = batch_of(tok, ["red", "blue"], [clip], [0, 0])
+    run = lambda seed: M.generate(net, batch, 6, [tok.eos_token_id], tok.pad_token_id, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(run(1), run(1))
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]])
+    draws = {M.sample_token(logits, 1.0, 0.5, torch.Generator().manual_seed(s)).item() for s in range(50)}
+    assert draws == {0}  # token 0 alone holds > 0.5 of the mass
+    assert M.sample_token(logits, 0, 1.0, None).item() == 0
