@@ -1,10 +1,15 @@
 """Everything the scripts share: loading Qwen2.5-VL, M-RoPE positions, vision-once forward, KV-cache generation,
 per-token log-probs, atomic checkpoints, the configurator and distributed set-up."""
-import os
-import sys
+import ast
 import json
+import os
+import random
+import shutil
+import sys
 from dataclasses import dataclass
+import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
 
@@ -210,3 +215,178 @@ def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     ids = torch.stack(tokens, dim=1)
     is_stop = torch.isin(ids, stop).long()
     return ids, ((is_stop.cumsum(1) - is_stop) == 0).long()
+
+# ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
+
+def configure(config, argv):
+    """Apply overrides to a script's config block: config files (python assignments, e.g. configs/tgrpo_paper.py)
+    and --key=value, in order. An unknown key or a value of another type is an error, never a silent new name."""
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string
+            overrides = {key: value}
+        else:
+            overrides = {}
+            with open(arg) as f:
+                exec(f.read(), {}, overrides)
+        for key, value in overrides.items():
+            if key not in config:
+                raise ValueError(f"unknown config key {key!r} (from {arg})")
+            old = config[key]
+            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if old is not None and type(value) is not type(old):
+                raise TypeError(f"config {key}: expected {type(old).__name__}, got {value!r} (from {arg})")
+            config[key] = value
+    return config
+
+# ----------------------------------------------------------------------------- distributed, one code path
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def print0(*args, **kwargs):
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup_distributed():
+    """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if WORLD > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def finish():
+    """End a worker: gloo sometimes aborts at interpreter exit after all work is done (NOTES.md), so leave at once."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+class Optimizer:
+    """AdamW behind one interface for 1 process, N processes (gradients averaged by hand) and DeepSpeed ZeRO
+    (from a json config; a torch optimizer as its client optimizer, so no C++ ops are built)."""
+
+    def __init__(self, model, lr, weight_decay, grad_clip, betas=(0.9, 0.999), deepspeed_config=""):
+        self.grad_clip, self.engine = grad_clip, None
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+        self.model = model
+        if deepspeed_config:
+            import deepspeed
+            with open(deepspeed_config) as f:
+                ds = json.load(f)
+            ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=grad_clip)
+            ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds)
+            self.model = self.engine
+
+    def backward(self, loss):
+        if self.engine:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self, lr):
+        """Average gradients over ranks, clip, step at `lr`; returns the gradient norm before clipping."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.engine:
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm() or 0.0)
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if WORLD > 1:
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.item()
+
+# ----------------------------------------------------------------------------- checkpoints, atomic
+
+def rng_state():
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"])  # tensors load with weights_only
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    state["numpy"]["state"]["key"] = state["numpy"]["state"]["key"].numpy()
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=None):
+    """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads, the
+    optimizer/DeepSpeed state, each rank's RNG states and the run config. It is built under a temporary name and
+    renamed into place, and `latest` is replaced atomically after it, so a kill at any moment leaves the last good
+    checkpoint whole."""
+    final = os.path.join(out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if RANK == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
+        optimizer.engine.save_checkpoint(tmp, tag="deepspeed")
+        state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if optimizer.engine.zero_optimization_stage() == 3 else None
+    else:
+        state_dict = None
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{RANK}.pt"))
+    if RANK == 0:
+        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if not optimizer.engine:
+            torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            json.dump({"step": step, "config": config, **(extra or {})}, f, indent=1)
+        os.replace(tmp, final)
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    barrier()
+    return final
+
+
+def latest_checkpoint(out_dir):
+    path = os.path.join(out_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
+def load_training_state(ckpt, optimizer):
+    """Restore optimizer/DeepSpeed state and this rank's RNG states (weights come through load_model(ckpt));
+    returns run.json. Everything is read with weights_only=True."""
+    if optimizer.engine:
+        optimizer.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=True)
+    else:
+        optimizer.opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
+    set_rng_state(torch.load(os.path.join(ckpt, f"rng_rank{RANK}.pt"), weights_only=True))
+    with open(os.path.join(ckpt, "run.json")) as f:
+        return json.load(f)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()

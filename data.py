@@ -1,0 +1,259 @@
+"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts and SFT targets.
+Every problem with the inputs (a bad record, a missing or undecodable file) is a DataError that names the file."""
+import os
+import sys
+import json
+import math
+from dataclasses import dataclass
+import numpy as np
+import torch
+import decord
+from PIL import Image
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+DATA_TYPES = ("image", "video")
+PROMPT_TEMPLATE = (
+    "{Question}\nPlease think about this question as if you were a human pondering deeply. Engage in an internal "
+    "dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or "
+    "other natural language thought expressions It's encouraged to include self-reflection or verification in the "
+    "reasoning process. Provide your detailed reasoning between the <think> and </think> tags, and then give your "
+    "final answer between the <answer> and </answer> tags.")
+_NUMBER_SUFFIX = " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags."
+TYPE_SUFFIX = {
+    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> "
+                       "</answer> tags.",
+    "numerical": _NUMBER_SUFFIX,
+    "regression": _NUMBER_SUFFIX,
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer within the <answer> "
+           "</answer> tags.",
+    "free-form": " Please provide your text answer within the <answer> </answer> tags.",
+}
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+PATCH = 14           # ViT patch side, pixels
+MERGE = 2            # 2x2 patches merge into one LLM token
+TEMPORAL_PATCH = 2   # two consecutive frames form one temporal patch
+FACTOR = PATCH * MERGE
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as Qwen2-VL's image processor uses
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 200     # Qwen's limit: thinner images cannot be resized to multiples of 28 sensibly
+MIN_PIXELS = 4 * FACTOR * FACTOR      # = 56*56, transformers' default
+MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize itself
+TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # SPEC: training frames have at most 128*28*28 pixels
+
+REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"  # one per merged patch in the prompt
+MM_TYPE = {IMAGE_PAD: 1, VIDEO_PAD: 2}  # mm_token_type_ids; every other token is text (0)
+
+
+class DataError(ValueError):
+    """Bad input data: a malformed record or a missing / undecodable media file."""
+
+# ----------------------------------------------------------------------------- records
+
+
+def _check_record(rec) -> str | None:
+    """The first problem with one record, or None when it is valid."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object but {type(rec).__name__}"
+    for field in REQUIRED_FIELDS:
+        if field not in rec:
+            return f"'{field}' missing"
+        if not isinstance(rec[field], str) or not rec[field]:
+            return f"'{field}' must be a non-empty string, got {rec[field]!r:.60}"
+    if rec["data_type"] not in DATA_TYPES:
+        return f"'data_type' is {rec['data_type']!r}, not one of {DATA_TYPES}"
+    if rec["problem_type"] not in PROBLEM_TYPES:
+        return f"'problem_type' is {rec['problem_type']!r}, not one of {PROBLEM_TYPES}"
+    if rec["problem_type"] == "multiple choice":
+        if "options" not in rec:
+            return "'options' missing for a multiple choice problem"
+        opts = rec["options"]
+        if not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts):
+            return f"'options' must be a non-empty list of strings, got {opts!r:.60}"
+    if "process" in rec and not isinstance(rec["process"], str):
+        return f"'process' must be a string, got {type(rec['process']).__name__}"
+    return None
+
+
+def load_records(json_path, root=None, skip_bad=False) -> tuple[list[dict], int]:
+    """Validated copies of the records of a Video-R1 JSON list, with `path` made absolute (relative to `root`,
+    default the JSON file's folder) and `index` (position in the file) added. Returns (records, number skipped).
+    Media files are not opened here, so a 260k-record file loads fast; decoding errors surface in read_media."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{json_path}: cannot read a JSON file: {e}") from e
+    if not isinstance(raw, list):
+        raise DataError(f"{json_path}: expected a JSON list of records, got {type(raw).__name__}")
+    root = os.path.dirname(os.path.abspath(json_path)) if root is None else root
+    records, skipped = [], 0
+    for i, rec in enumerate(raw):
+        problem = _check_record(rec)
+        if problem is not None:
+            message = f"{json_path} record {i}: {problem}"
+            if not skip_bad:
+                raise DataError(message)
+            print(f"warning: skipping {message}", file=sys.stderr)
+            skipped += 1
+            continue
+        records.append(dict(rec, path=os.path.abspath(os.path.join(root, rec["path"])), index=i))
+    return records, skipped
+
+# ----------------------------------------------------------------------------- media
+
+
+def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) -> tuple[int, int]:
+    """Qwen's resize rule (as transformers' smart_resize): round each side to a multiple of `factor`, then scale
+    both, keeping the aspect ratio, until height*width lies in [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise DataError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _resize(frames, path, min_pixels, max_pixels) -> np.ndarray:
+    """Resize (n, H, W, 3) uint8 frames, all to one smart_resize size, with PIL bicubic (as Qwen's processor)."""
+    try:
+        h, w = smart_resize(frames.shape[1], frames.shape[2], min_pixels=min_pixels, max_pixels=max_pixels)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from e
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
+
+
+def _num_frames(total, duration, fps, min_frames, max_frames) -> int:
+    """round(duration * fps) in [min_frames, max_frames], even (2 frames a temporal patch), at most `total`."""
+    n = min(max(round(duration * fps), min_frames), max_frames)
+    n = max(TEMPORAL_PATCH, n - n % TEMPORAL_PATCH)
+    return min(n, total - total % TEMPORAL_PATCH)
+
+
+def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
+               max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
+    """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps n / duration."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: video file not found")
+    try:
+        vr = decord.VideoReader(path)
+        total, avg_fps = len(vr), vr.get_avg_fps()
+        if total < TEMPORAL_PATCH:
+            raise DataError(f"{path}: {total}-frame video: a video needs at least {TEMPORAL_PATCH} frames")
+        if not avg_fps > 0:
+            raise DataError(f"{path}: the video reports no frame rate ({avg_fps})")
+        duration = total / avg_fps
+        n = _num_frames(total, duration, fps, min_frames, max_frames)
+        indices = np.linspace(0, total - 1, n).round().astype(int)
+        frames = vr.get_batch(indices.tolist()).asnumpy()
+    except (RuntimeError, decord.DECORDError) as e:  # decord raises these for unreadable or truncated files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # decord appends C++ traces
+        raise DataError(f"{path}: cannot decode video: {reason}") from e
+    return _resize(frames, path, min_pixels, max_pixels), n / duration
+
+
+def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
+    """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's temporal patch."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError / truncated data / bad header fields
+        raise DataError(f"{path}: cannot decode image: {e}") from e
+    return np.repeat(_resize(rgb[None], path, min_pixels, max_pixels), TEMPORAL_PATCH, axis=0)
+
+
+def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> tuple[np.ndarray, float | None]:
+    """Frames of a record's video (with the sampling fps) or image (fps None)."""
+    if record["data_type"] == "video":
+        return read_video(record["path"], fps, min_frames, max_frames, min_pixels, max_pixels)
+    return read_image(record["path"], min_pixels, max_pixels), None
+
+
+def contrast_frames(frames, rng: np.random.Generator, mode="shuffle") -> np.ndarray:
+    """The frames out of order, for T-GRPO's contrast rollouts: a random non-identity permutation or reversed."""
+    if mode == "reverse":
+        return frames[::-1].copy()  # a copy: torch cannot wrap numpy's negative strides
+    if mode != "shuffle":
+        raise ValueError(f"unknown contrast mode {mode!r}; expected 'shuffle' or 'reverse'")
+    n = len(frames)
+    if n < 2:
+        raise ValueError(f"cannot shuffle {n} frame(s): any order of them is the original order")
+    while True:  # the identity would make the contrast group an ordered one; for n=2 half the draws are it
+        perm = rng.permutation(n)
+        if (perm != np.arange(n)).any():
+            return frames[perm]
+
+# ----------------------------------------------------------------------------- model inputs
+
+
+@dataclass
+class Clip:
+    pixel_values: torch.Tensor  # float32 (t*h*w, 3*TEMPORAL_PATCH*PATCH*PATCH), Qwen's patch order
+    grid_thw: tuple[int, int, int]  # temporal patches, patch rows, patch columns
+    is_video: bool
+    second_per_grid: float  # seconds covered by one temporal patch (M-RoPE's temporal spacing); 1.0 for images
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w // MERGE ** 2
+
+
+def make_clip(frames, fps) -> Clip:
+    """CLIP-normalise (n, H, W, 3) uint8 frames and lay them out as Qwen2.5-VL's pixel_values (what its processor
+    does; done by hand because transformers' video processor needs torchvision). fps None -> an image clip."""
+    n, H, W, _ = frames.shape
+    assert n % TEMPORAL_PATCH == 0, f"frame count {n} must be a multiple of {TEMPORAL_PATCH}"
+    assert H % FACTOR == 0 and W % FACTOR == 0, f"frame size {H}x{W} must be multiples of {FACTOR}"
+    t, h, w = n // TEMPORAL_PATCH, H // PATCH, W // PATCH
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    x = x.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h/2, w/2, 2, 2, C, T, 14, 14): merge groups stay contiguous
+    pixel_values = x.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH)
+    is_video = fps is not None
+    return Clip(pixel_values, (t, h, w), is_video, TEMPORAL_PATCH / fps if is_video else 1.0)
+
+
+def question_text(record) -> str:
+    """The user turn's text: the question (with its options), the reasoning template and the answer-type suffix."""
+    question = record["problem"]
+    if record["problem_type"] == "multiple choice":  # official wording: no separator before "Options:"
+        question += "Options:\n" + "".join(option + "\n" for option in record["options"])
+    return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
+
+
+def chat_prompt(question, clip) -> str:
+    """Qwen2.5-VL's chat template for one user turn (media first, then text) with the generation prompt, the media
+    placeholder expanded to one pad token per merged patch, as the processor does."""
+    pad = VIDEO_PAD if clip.is_video else IMAGE_PAD
+    media = "<|vision_start|>" + pad * clip.num_tokens + "<|vision_end|>"
+    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def encode_prompt(tokenizer, record, clip) -> tuple[list[int], list[int]]:
+    """Prompt token ids and their mm_token_type_ids (0 text, 1 image pad, 2 video pad), which Qwen2.5-VL needs to
+    give the media tokens 3-D positions."""
+    ids = tokenizer(chat_prompt(question_text(record), clip), add_special_tokens=False)["input_ids"]
+    type_of = {tokenizer.convert_tokens_to_ids(tok): kind for tok, kind in MM_TYPE.items()}
+    mm_types = [type_of.get(i, 0) for i in ids]
+    pads = mm_types.count(MM_TYPE[VIDEO_PAD if clip.is_video else IMAGE_PAD])
+    assert pads == clip.num_tokens, f"{pads} pad tokens for {clip.num_tokens} media tokens: the tokenizer split them"
+    return ids, mm_types
+
+
+def sft_target(record) -> str:
+    """The SFT completion: the chain of thought, then the answer (SPEC)."""
+    if "process" not in record:
+        raise DataError(f"record {record.get('index', '?')} ({record['path']}): 'process' missing for the SFT target")
+    return record["process"] + "\n" + record["solution"]

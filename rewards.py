@@ -1,0 +1,170 @@
+"""Rewards of Video-R1's T-GRPO: accuracy per problem type, format, length bonus, temporal bonus, advantages.
+
+Pure functions (numpy and rouge-score only, no torch) so they can be tested exhaustively. The accuracy and format
+rules follow the official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules
+come in two flavours, rule="paper" (the default) and rule="official" (vllm_grpo_trainer_modified.py).
+
+Deliberate departures from the official code:
+- Any number that is nan/inf or overflows ("1e999") earns 0. Officially a regression answer "nan" earns 1.0
+  (max(0, nan) is 0 in Python), and "inf" matches "inf" in numerical; no answer may beat the correct one.
+- Regression uses |pred - gt| / |gt| without the official +1e-9 terms, so an exact answer earns exactly 1; with
+  gt == 0 (officially every answer, even "0", earns 0) an exact 0 earns 1 and anything else 0.
+- problem_type is per sample (the official code uses the batch's first), and an unknown type raises ValueError
+  (officially it silently earns 0).
+Kept on purpose: a solution without an <answer> tag has the answer "" (as officially), so only an empty answer
+matches it; the training data always tags its solutions.
+"""
+import math
+import re
+
+import numpy as np
+from rouge_score import rouge_scorer
+
+ALPHA = 0.3                     # temporal reward (paper and official)
+LENGTH_BONUS, MIN_LEN, MAX_LEN = 0.2, 320, 512
+OFFICIAL_MIN_CORRECT = 2        # official length bonus needs at least this many correct responses in the group
+ADV_EPS = 1e-4                  # official: (R - mean) / (std + 1e-4)
+# rule -> (correctness threshold, strict ">" instead of ">=", mu in p >= mu * p~)
+RULES = {"paper": (0.5, False, 1.0), "official": (0.1, True, 0.8)}
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_scorer = None                  # RougeScorer, built on first use (it loads the stemmer)
+
+
+def extract_answer(text: str) -> str:
+    """Text inside the first <answer>...</answer>, stripped; "" without a complete tag pair."""
+    m = _ANSWER_RE.search(text)
+    return m.group(1).strip() if m else ""
+
+
+def format_reward(completion: str) -> float:
+    """1.0 iff the whole completion is <think>...</think> then (whitespace) <answer>...</answer>."""
+    return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
+
+
+def _to_number(s: str):
+    """float of s with "," removed, or None if unparsable or not finite (nan, inf, overflow like "1e999")."""
+    try:
+        x = float(s.replace(",", ""))
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level edit distance / number of reference words (whitespace split).
+
+    An empty reference divides by 1, as the official code does: 0.0 for an empty hypothesis, else the number of
+    hypothesis words (so the OCR reward, 1 - WER clamped, is 1 for an empty answer and 0 for any other).
+    """
+    ref, hyp = reference.split(), hypothesis.split()
+    prev = list(range(len(hyp) + 1))            # distances from the empty reference prefix
+    for i, r in enumerate(ref, 1):
+        cur = [i]
+        for j, h in enumerate(hyp, 1):
+            cur.append(prev[j - 1] if r == h else 1 + min(prev[j], cur[j - 1], prev[j - 1]))
+        prev = cur
+    return prev[-1] / max(1, len(ref))
+
+
+def rouge_mean(reference: str, hypothesis: str) -> float:
+    """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming)."""
+    global _scorer
+    if _scorer is None:
+        _scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    s = _scorer.score(reference, hypothesis)
+    return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
+
+
+def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
+    """Accuracy in [0, 1] of the completion's answer against the solution's <answer>, by problem type."""
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}")
+    out, gt = extract_answer(completion), extract_answer(solution)
+    if problem_type == "multiple choice":
+        return 1.0 if out == gt else 0.0
+    if problem_type == "OCR":
+        return max(0.0, 1.0 - wer(gt, out))        # WER >= 0, so only the floor can bind
+    if problem_type == "free-form":
+        return min(1.0, max(0.0, rouge_mean(gt, out)))
+    if problem_type == "numerical":
+        # Official rule: "3" and "3.0" (or "1000" and "1,000") differ in form, so the answer is wrong.
+        if ("." in out or "," in out) != ("." in gt or "," in gt):
+            return 0.0
+        o, g = _to_number(out), _to_number(gt)
+        return 1.0 if o is not None and g is not None and round(o, 2) == round(g, 2) else 0.0
+    o, g = _to_number(out), _to_number(gt)     # regression
+    if o is None or g is None:
+        return 0.0
+    if g == 0:                                 # relative error undefined: only the exact answer counts
+        return 1.0 if o == 0 else 0.0
+    return 1.0 - min(1.0, abs(o - g) / abs(g))  # abs(o - g) may overflow to inf: min() then gives 0 reward
+
+
+def _rule(rule: str):
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {tuple(RULES)}")
+    return RULES[rule]
+
+
+def is_correct(accuracy: float, threshold=None, rule: str = "paper") -> bool:
+    """Whether a response counts as correct: paper accuracy >= 0.5, official accuracy > 0.1."""
+    default, strict, _ = _rule(rule)
+    t = default if threshold is None else threshold
+    return accuracy > t if strict else accuracy >= t
+
+
+def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=MIN_LEN, max_len=MAX_LEN,
+                 threshold=None) -> list:
+    """+bonus to each correct response with min_len <= token length <= max_len.
+
+    rule="official" pays it only when at least OFFICIAL_MIN_CORRECT responses of the group are correct.
+    threshold=None takes the rule's own (paper >= 0.5, official > 0.1).
+    """
+    _rule(rule)                                # validate even for an empty group
+    if len(accuracies) != len(lengths):
+        raise ValueError(f"{len(accuracies)} accuracies but {len(lengths)} lengths")
+    correct = [is_correct(a, threshold, rule) for a in accuracies]
+    if rule == "official" and sum(correct) < OFFICIAL_MIN_CORRECT:
+        return [0.0] * len(accuracies)
+    return [bonus if c and min_len <= n <= max_len else 0.0 for c, n in zip(correct, lengths)]
+
+
+def temporal_bonus(ordered_acc, shuffled_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
+    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted).
+
+    paper: p, p~ = share of correct ordered / shuffled responses; official: their mean raw accuracy.
+    Granted iff p >= mu * p~ (mu: paper 1.0, official 0.8); then alpha goes to every correct ordered response.
+    Shuffled responses only measure p~. Images have no shuffled group: calling this without one is an error.
+    """
+    if len(ordered_acc) == 0 or len(shuffled_acc) == 0:   # len(): also works for numpy arrays
+        raise ValueError("temporal_bonus needs non-empty ordered and shuffled groups (images have no temporal reward)")
+    _, _, default_mu = _rule(rule)
+    mu = default_mu if mu is None else mu
+    correct = [is_correct(a, threshold, rule) for a in ordered_acc]
+    if rule == "paper":
+        p = sum(correct) / len(ordered_acc)
+        p_tilde = sum(is_correct(a, threshold, rule) for a in shuffled_acc) / len(shuffled_acc)
+    else:
+        p, p_tilde = float(np.mean(ordered_acc)), float(np.mean(shuffled_acc))
+    granted = bool(p >= mu * p_tilde)
+    return [alpha if granted and c else 0.0 for c in correct], p, p_tilde, granted
+
+
+def group_advantages(rewards, eps=ADV_EPS) -> np.ndarray:
+    """(R - mean) / (std + eps) within a group, std unbiased (torch's default, as in the official code).
+
+    A single response or a zero-variance group gives zeros (torch gives NaN for one element).
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    if not np.all(np.isfinite(r)):
+        raise ValueError(f"non-finite reward in {rewards!r}")
+    if r.size < 2 or np.all(r == r[0]):
+        return np.zeros_like(r)
+    # Work on r / max|r| (when > 1) so huge finite rewards cannot overflow the mean or std; the ratio is
+    # unchanged because numerator and denominator (eps included) are scaled alike.
+    c = max(1.0, float(np.max(np.abs(r))))
+    x = r / c
+    return (x - x.mean()) / (x.std(ddof=1) + eps / c)

@@ -1,0 +1,306 @@
+"""Tests of data.py: record validation, frame sampling, resizing, Qwen's patch layout, prompts."""
+import json
+from pathlib import Path
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+import data
+from data import DataError
+
+SHARED_VIDEO = Path(__file__).parent.parent / "shared" / "video1.mp4"
+STEP = 12  # brightness step between generated frames, so a decoded frame tells which one it was
+
+
+def write_mp4(path, n, fps, h=56, w=84, index_first=False):
+    """An H.264 clip whose frame i is uniformly grey at i*STEP; index_first puts the moov atom before the frames."""
+    with av.open(str(path), "w", options={"movflags": "faststart"} if index_first else {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), i * STEP, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def good_records():
+    return [
+        {"problem_id": 1, "problem": "Where does the square go?", "data_type": "video",
+         "problem_type": "multiple choice", "options": ["A. left", "B. right"], "solution": "<answer>B</answer>",
+         "path": "./clips/a.mp4", "data_source": "synthetic", "temporal": True},
+        {"problem_id": 2, "problem": "How many dots?", "data_type": "image", "problem_type": "numerical",
+         "solution": "<answer>3</answer>", "path": "imgs/b.png", "process": "<think>I count 3.</think>"},
+    ]
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+# ----------------------------------------------------------------------------- records
+
+
+def test_load_records_resolves_paths_and_keeps_fields(tmp_path):
+    path = write_json(tmp_path / "sub" / "rl.json", good_records())
+    records, skipped = data.load_records(path)
+    assert skipped == 0 and [r["index"] for r in records] == [0, 1]
+    assert records[0]["path"] == str(tmp_path / "sub" / "clips" / "a.mp4")
+    assert records[1]["path"] == str(tmp_path / "sub" / "imgs" / "b.png")
+    assert records[0]["temporal"] is True and records[0]["data_source"] == "synthetic"
+    records, _ = data.load_records(str(path), root=tmp_path / "media")
+    assert records[0]["path"] == str(tmp_path / "media" / "clips" / "a.mp4")
+
+
+def _without(field):
+    return lambda r: r.pop(field)
+
+
+BAD_CASES = [  # (change to the multiple choice record, the field the message must name)
+    (lambda r: r.update(data_type="audio"), "data_type"),
+    (lambda r: r.update(problem_type="essay"), "problem_type"),
+    (_without("problem"), "problem"),
+    (_without("solution"), "solution"),
+    (_without("path"), "path"),
+    (_without("options"), "options"),
+    (lambda r: r.update(options=[]), "options"),
+    (lambda r: r.update(options=["A. x", 2]), "options"),
+    (lambda r: r.update(solution=3), "solution"),
+    (lambda r: r.update(problem=""), "problem"),
+    (lambda r: r.update(process=["<think>"]), "process"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD_CASES)
+def test_bad_record_names_file_record_and_field(tmp_path, change, field):
+    records = good_records()[::-1]  # the bad one at index 1
+    change(records[1])
+    path = write_json(tmp_path / "rl.json", records)
+    with pytest.raises(DataError) as err:
+        data.load_records(path)
+    assert "rl.json" in str(err.value) and "record 1" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_skip_bad_counts_and_warns(tmp_path, capsys):
+    good, bad = good_records(), good_records()
+    for change, _ in BAD_CASES[:3]:
+        change(bad[0])
+    path = write_json(tmp_path / "rl.json", [bad[0], good[0], 7, good[1]])
+    records, skipped = data.load_records(path, skip_bad=True)
+    assert skipped == 2 and [r["index"] for r in records] == [1, 3]
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and "record 0" in warnings[0] and "record 2" in warnings[1]
+
+
+@pytest.mark.parametrize("content", ['{"problem": "x"}', "[{", ""])
+def test_file_that_is_not_a_json_list_errors(tmp_path, content):
+    path = tmp_path / "rl.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match="rl.json"):
+        data.load_records(path, skip_bad=True)
+    with pytest.raises(DataError, match="missing.json"):
+        data.load_records(tmp_path / "missing.json", skip_bad=True)
+
+# ----------------------------------------------------------------------------- media
+
+
+@pytest.mark.parametrize("size", [(360, 640), (56, 84), (10, 10), (1080, 1920), (27, 29), (300, 14), (14, 2000),
+                                  (1, 150), (241, 3000), (720, 1280)])
+@pytest.mark.parametrize("limits", [(4 * 28 * 28, 128 * 28 * 28), (4 * 28 * 28, 256 * 28 * 28),
+                                    (128 * 28 * 28, 128 * 28 * 28), (56 * 56, 28 * 28 * 1280)])
+def test_smart_resize_matches_transformers(size, limits):
+    expected = hf_smart_resize(*size, factor=28, min_pixels=limits[0], max_pixels=limits[1])
+    assert data.smart_resize(*size, min_pixels=limits[0], max_pixels=limits[1]) == expected
+
+
+def test_smart_resize_defaults_and_aspect_limit():
+    assert data.smart_resize(333, 777) == hf_smart_resize(333, 777)
+    with pytest.raises(DataError, match="aspect"):
+        data.smart_resize(10, 2010)
+
+
+@pytest.mark.parametrize("max_frames,max_pixels", [(16, 128 * 28 * 28), (64, 256 * 28 * 28)])
+def test_read_shared_video(max_frames, max_pixels):
+    if not SHARED_VIDEO.exists():
+        pytest.skip(f"{SHARED_VIDEO} is not present")
+    import decord
+    reader = decord.VideoReader(str(SHARED_VIDEO))
+    duration = len(reader) / reader.get_avg_fps()
+    frames, fps = data.read_video(str(SHARED_VIDEO), fps=2.0, max_frames=max_frames, max_pixels=max_pixels)
+    n, H, W, C = frames.shape
+    expected = min(max(round(duration * 2.0), 4), max_frames)
+    assert n == expected - expected % 2 and n % 2 == 0 and 4 <= n <= max_frames
+    assert fps == pytest.approx(n / duration)
+    assert frames.dtype == np.uint8 and C == 3 and H % 28 == 0 and W % 28 == 0 and H * W <= max_pixels
+    assert (H, W) == data.smart_resize(*reader[0].shape[:2], max_pixels=max_pixels)
+
+
+@pytest.mark.parametrize("total,file_fps,min_frames,max_frames,expected", [
+    (20, 10, 4, 16, 4),    # 2 s at 2 fps
+    (20, 5, 4, 16, 8),     # 4 s
+    (7, 2, 4, 16, 6),      # 3.5 s -> 7 -> even 6
+    (3, 2, 4, 16, 2),      # shorter than min_frames: all frames, rounded down to even
+    (5, 2, 8, 16, 4),
+    (20, 2, 4, 16, 16),    # 10 s -> 20, clamped to max_frames
+    (9, 2, 4, 6, 6),
+])
+def test_read_generated_video(tmp_path, total, file_fps, min_frames, max_frames, expected):
+    path = write_mp4(tmp_path / "clip.mp4", total, file_fps)
+    frames, fps = data.read_video(str(path), fps=2.0, min_frames=min_frames, max_frames=max_frames)
+    assert frames.shape == (expected, 56, 84, 3)
+    assert fps == pytest.approx(expected / (total / file_fps))
+    sampled = np.linspace(0, total - 1, expected).round()  # uniform sampling, in order, ends included
+    assert np.abs(frames.mean(axis=(1, 2, 3)) / STEP - sampled).max() < 0.5
+
+
+def test_read_video_resizes_all_frames_to_one_size(tmp_path):
+    path = write_mp4(tmp_path / "clip.mp4", 8, 4, h=100, w=130)
+    frames, _ = data.read_video(str(path), min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28)
+    assert frames.shape == (4, *data.smart_resize(100, 130, max_pixels=8 * 28 * 28), 3)
+
+
+def _bad_media(tmp_path, kind):
+    """The path of one kind of broken media file, and the reader for it."""
+    if kind == "missing video":
+        return tmp_path / "nothere.mp4", data.read_video
+    if kind == "text as mp4":
+        (tmp_path / "notes.mp4").write_text("these are not video frames\n" * 20)
+        return tmp_path / "notes.mp4", data.read_video
+    if kind.startswith("truncated"):  # without the index (moov at the end), or with it but half the frames
+        whole = write_mp4(tmp_path / "whole.mp4", 20, 5, index_first=kind.endswith("index first")).read_bytes()
+        (tmp_path / "half.mp4").write_bytes(whole[:len(whole) // 2])
+        return tmp_path / "half.mp4", data.read_video
+    if kind == "1-frame video":
+        return write_mp4(tmp_path / "single.mp4", 1, 5), data.read_video
+    if kind == "corrupt image":
+        (tmp_path / "noise.png").write_bytes(np.random.default_rng(0).bytes(500))
+        return tmp_path / "noise.png", data.read_image
+    return tmp_path / "nothere.png", data.read_image
+
+
+@pytest.mark.parametrize("kind", ["missing video", "text as mp4", "truncated", "truncated, index first",
+                                  "1-frame video", "corrupt image", "missing image"])
+def test_bad_media_names_the_file(tmp_path, kind):
+    path, reader = _bad_media(tmp_path, kind)
+    with pytest.raises(DataError) as err:
+        reader(str(path))
+    assert path.name in str(err.value)
+    if kind == "1-frame video":
+        assert "1-frame video: a video needs at least 2 frames" in str(err.value)
+
+
+def test_read_media_dispatches(tmp_path):
+    video = write_mp4(tmp_path / "v.mp4", 8, 4)
+    Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(tmp_path / "i.png")
+    limits = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28)
+    frames, fps = data.read_media({"data_type": "video", "path": str(video)}, **limits)
+    assert frames.shape[0] == 4 and fps == pytest.approx(2.0)
+    frames, fps = data.read_media({"data_type": "image", "path": str(tmp_path / "i.png")}, **limits)
+    assert frames.shape == (2, 56, 84, 3) and fps is None
+
+# ----------------------------------------------------------------------------- patches and prompts
+
+
+def test_image_clip_equals_qwen_image_processor(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    clip = data.make_clip(data.read_image(str(tmp_path / "x.png")), None)
+    hf = Qwen2VLImageProcessorPil()(images=Image.fromarray(image), return_tensors="pt")
+    assert clip.grid_thw == tuple(hf["image_grid_thw"][0].tolist()) == (1, 4, 6)
+    assert clip.pixel_values.dtype == torch.float32
+    assert (clip.pixel_values - hf["pixel_values"]).abs().max().item() == 0.0
+    assert not clip.is_video and clip.second_per_grid == 1.0 and clip.num_tokens == 6
+
+
+def test_video_clip_layout():
+    """Frames 0,1 form temporal patch 0 and frames 2,3 patch 1; inside a patch, dim 1 of (C, T, 14, 14) is time."""
+    rng = np.random.default_rng(1)
+    a, b, c, d = rng.integers(0, 256, (4, 56, 84, 3), dtype=np.uint8)
+    clip = data.make_clip(np.stack([a, b, c, d]), fps=2.0)
+    assert clip.grid_thw == (2, 4, 6) and clip.is_video and clip.second_per_grid == 1.0 and clip.num_tokens == 12
+    image_processor = Qwen2VLImageProcessorPil()
+    patches = clip.pixel_values.view(2, 24, 3, 2, 14, 14)
+    for t, frames in enumerate([(a, b), (c, d)]):
+        for k, frame in enumerate(frames):
+            ref = image_processor(images=Image.fromarray(frame), return_tensors="pt")["pixel_values"]
+            assert torch.equal(patches[t, :, :, k], ref.view(24, 3, 2, 14, 14)[:, :, 0])
+
+
+def test_make_clip_rejects_odd_frames_and_bad_sizes():
+    with pytest.raises(AssertionError, match="frame count"):
+        data.make_clip(np.zeros((3, 56, 56, 3), np.uint8), 2.0)
+    with pytest.raises(AssertionError, match="multiples of 28"):
+        data.make_clip(np.zeros((2, 56, 70, 3), np.uint8), 2.0)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_shuffle_is_never_the_identity(n):
+    frames = np.arange(n)[:, None, None, None] * np.ones((1, 28, 28, 3), np.uint8)
+    for seed in range(300):
+        shuffled = data.contrast_frames(frames, np.random.default_rng(seed))
+        order = shuffled[:, 0, 0, 0]
+        assert sorted(order) == list(range(n)) and list(order) != list(range(n))
+    again = data.contrast_frames(frames, np.random.default_rng(5))
+    assert np.array_equal(again, data.contrast_frames(frames, np.random.default_rng(5)))
+
+
+def test_reverse_and_unknown_mode():
+    frames = np.random.default_rng(0).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
+    reversed_frames = data.contrast_frames(frames, np.random.default_rng(0), mode="reverse")
+    assert np.array_equal(reversed_frames, frames[::-1])
+    data.make_clip(reversed_frames, 2.0)  # torch must accept it (no negative strides)
+    with pytest.raises(ValueError, match="mode"):
+        data.contrast_frames(frames, np.random.default_rng(0), mode="rotate")
+
+
+def test_shuffled_patches_differ_from_ordered():
+    frames = np.random.default_rng(0).integers(0, 256, (8, 56, 56, 3), dtype=np.uint8)
+    shuffled = data.contrast_frames(frames, np.random.default_rng(0))
+    ordered, contrast = data.make_clip(frames, 2.0), data.make_clip(shuffled, 2.0)
+    assert ordered.grid_thw == contrast.grid_thw and not torch.equal(ordered.pixel_values, contrast.pixel_values)
+
+
+def test_question_text_multiple_choice():
+    record = good_records()[0]
+    text = data.question_text(record)
+    assert text.startswith("Where does the square go?Options:\nA. left\nB. right\n\nPlease think about")
+    assert text.endswith(data.TYPE_SUFFIX["multiple choice"])
+    assert data.TYPE_SUFFIX["multiple choice"] == (" Please provide only the single option letter (e.g., A, B, C, "
+                                                   "D, etc.) within the <answer> </answer> tags.")
+    assert ("other natural language thought expressions It's encouraged to include self-reflection or verification "
+            "in the reasoning process. Provide your detailed reasoning between the <think> and </think> tags, and "
+            "then give your final answer between the <answer> and </answer> tags.") in text
+    assert data.question_text(good_records()[1]).endswith(
+        "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.")
+    assert set(data.TYPE_SUFFIX) == set(data.PROBLEM_TYPES)
+
+
+@pytest.mark.parametrize("is_video", [True, False])
+def test_encode_prompt_marks_media_tokens(tokenizer, is_video):
+    record = good_records()[0 if is_video else 1]
+    frames = np.zeros((4 if is_video else 2, 56, 84, 3), np.uint8)
+    clip = data.make_clip(frames, 2.0 if is_video else None)
+    ids, mm_types = data.encode_prompt(tokenizer, record, clip)
+    pad = "<|video_pad|>" if is_video else "<|image_pad|>"
+    pad_id = tokenizer.convert_tokens_to_ids(pad)
+    assert len(ids) == len(mm_types) and ids.count(pad_id) == clip.num_tokens
+    assert mm_types == [(2 if is_video else 1) if i == pad_id else 0 for i in ids]
+    prompt = data.chat_prompt(data.question_text(record), clip)
+    assert tokenizer.decode(ids) == prompt
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                             "<|vision_start|>" + pad)
+    assert prompt.endswith(pad + "<|vision_end|>" + data.question_text(record) +
+                           "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_sft_target(tmp_path):
+    records, _ = data.load_records(write_json(tmp_path / "cot.json", good_records()))
+    assert data.sft_target(records[1]) == "<think>I count 3.</think>\n<answer>3</answer>"
+    with pytest.raises(DataError, match="record 0.*'process'"):
+        data.sft_target(records[0])
