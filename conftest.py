@@ -38,3 +38,16 @@ def encode_text(tok, text, clip):
     ids = tok(prompt, add_special_tokens=False).input_ids
     kinds = {tok.convert_tokens_to_ids(t): kind for t, kind in data.MM_TYPE.items()}
     return ids, [kinds.get(i, 0) for i in ids]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A small synthetic task and the tiny model built from its text, as the default run builds them."""
+    import data
+    import synthetic
+    root = tmp_path_factory.mktemp("toy")
+    paths = synthetic.generate(str(root / "synthetic"), seed=0, n_sft=48, n_rl=24, n_eval=30)
+    records, _ = data.load_records(paths["sft"])
+    model_path = str(root / "tiny")
+    model.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
+    return str(root / "synthetic"), model_path

@@ -257,3 +257,15 @@ def sft_target(record) -> str:
     if "process" not in record:
         raise DataError(f"record {record.get('index', '?')} ({record['path']}): 'process' missing for the SFT target")
     return record["process"] + "\n" + record["solution"]
+
+
+def load_example(record, tokenizer, limits, contrast_rng=None, contrast="shuffle"):
+    """Everything a step needs from one record: (prompt ids, mm types), the clip, and for a video when
+    `contrast_rng` is given the contrast clip (shuffled or reversed frames; same token count, so the same prompt).
+    `limits`: read_media's fps/min_frames/max_frames/min_pixels/max_pixels."""
+    frames, fps = read_media(record, **limits)
+    clip = make_clip(frames, fps)
+    contrast_clip = None
+    if contrast_rng is not None and clip.is_video:
+        contrast_clip = make_clip(contrast_frames(frames, contrast_rng, contrast), fps)
+    return encode_prompt(tokenizer, record, clip), clip, contrast_clip

@@ -1,7 +1,9 @@
 """Everything the scripts share: loading Qwen2.5-VL, M-RoPE positions, vision-once forward, KV-cache generation,
 per-token log-probs, atomic checkpoints, the configurator and distributed set-up."""
 import ast
+import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -10,8 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
+
+transformers.utils.logging.disable_progress_bar()  # one line per step is the log; no bars
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -61,9 +66,9 @@ def ensure_tiny_model(path, texts, seed=0):
     os.replace(tmp, path)
 
 
-def load_model(path, device, grad_ckpt=False, attn="sdpa"):
-    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU; never runs remote code."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
+    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code."""
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                                trust_remote_code=False).to(device)
     if grad_ckpt:
@@ -308,14 +313,48 @@ class Optimizer:
         if self.engine:
             self.engine.step()
             return float(self.engine.get_global_grad_norm() or 0.0)
-        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        if WORLD > 1:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if WORLD > 1:  # every rank reduces every parameter, so a rank whose batch left one unused cannot hang
             for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return norm.item()
+
+def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+def is_zero3(model):
+    return hasattr(model, "zero_optimization_stage") and model.zero_optimization_stage() == 3
+
+
+def gathered_for_generation(model):
+    """Under ZeRO-3 gather the full weights once for a whole rollout phase, not once per token per layer."""
+    if is_zero3(model):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.module.parameters()))
+    return contextlib.nullcontext()
+
+
+def frozen_reference(path, device, deepspeed_config=""):
+    """The KL reference: a frozen copy of the starting policy (bf16 on GPU), partitioned like the policy under ZeRO."""
+    ref, _ = load_model(path, device)
+    ref.requires_grad_(False).eval()
+    if deepspeed_config:
+        import deepspeed
+        with open(deepspeed_config) as f:
+            ds = json.load(f)
+        ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+        ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
+        ref = deepspeed.initialize(model=ref, config=ds)[0]
+    return ref
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
 
