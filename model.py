@@ -344,16 +344,18 @@ def gathered_for_generation(model):
 
 
 def frozen_reference(path, device, deepspeed_config=""):
-    """The KL reference: a frozen copy of the starting policy (bf16 on GPU), partitioned like the policy under ZeRO."""
+    """The KL reference: a frozen copy of the starting policy (bf16 on GPU). Under ZeRO-3 it is partitioned like
+    the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 a replica per GPU is small enough."""
     ref, _ = load_model(path, device)
     ref.requires_grad_(False).eval()
     if deepspeed_config:
-        import deepspeed
         with open(deepspeed_config) as f:
             ds = json.load(f)
-        ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-        ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
-        ref = deepspeed.initialize(model=ref, config=ds)[0]
+        if ds.get("zero_optimization", {}).get("stage") == 3:
+            import deepspeed
+            ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+            ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
+            ref = deepspeed.initialize(model=ref, config=ds)[0]
     return ref
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
@@ -379,6 +381,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
     optimizer/DeepSpeed state, each rank's RNG states and the run config. It is built under a temporary name and
     renamed into place, and `latest` is replaced atomically after it, so a kill at any moment leaves the last good
     checkpoint whole."""
+    check_in_sync(optimizer.model)
     final = os.path.join(out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
     if RANK == 0:
@@ -404,6 +407,19 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
         os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     barrier()
     return final
+
+
+def check_in_sync(model):
+    """Raise if the ranks' weights have drifted apart (compared by a position-weighted checksum)."""
+    if WORLD == 1:
+        return
+    with gathered_for_generation(model), torch.no_grad():
+        params = list(unwrap(model).parameters())
+        checksum = sum(p.double().sum() * (i + 1) for i, p in enumerate(params)).reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(WORLD)]
+    dist.all_gather(sums, checksum)
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"ranks out of sync: weight checksums {[s.item() for s in sums]}")
 
 
 def latest_checkpoint(out_dir):

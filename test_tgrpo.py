@@ -1,0 +1,200 @@
+"""tgrpo.py: the loss against a naive loop, the clip, zero-variance groups, image/video batches, skipped clips,
+bit-exact resume, and 2-process DeepSpeed runs."""
+import json
+import os
+import subprocess
+import sys
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+import data
+import model as M
+import tgrpo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def naive_loss(logp, old, ref, adv, mask, eps, beta):
+    """Eq. 4 written per sample, per token, as the paper states it (sequence-mean normalisation)."""
+    per_sample = []
+    for i in range(logp.shape[0]):
+        terms = []
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                ratio = torch.exp(logp[i, t] - old[i, t])
+                surrogate = torch.min(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
+                x = ref[i, t] - logp[i, t]
+                terms.append(-(surrogate - beta * (torch.exp(x) - x - 1)))
+        per_sample.append(torch.stack(terms).mean())
+    return torch.stack(per_sample).mean()
+
+
+def random_rollout(seed, n=5, t=7):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(n, t, generator=g) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(n, t, generator=g)
+    ref = logp.detach() + 0.2 * torch.randn(n, t, generator=g)
+    mask = (torch.rand(n, t, generator=g) > 0.2).float()
+    mask[:, 0] = 1
+    return logp, old, ref, torch.randn(n, generator=g), mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_equals_naive_per_token_loop(seed, monkeypatch):
+    monkeypatch.setattr(tgrpo, "epsilon", 0.2)
+    monkeypatch.setattr(tgrpo, "beta", 0.04)
+    monkeypatch.setattr(tgrpo, "loss_norm", "sequence")
+    logp, old, ref, adv, mask = random_rollout(seed)
+    ours, stats = tgrpo.tgrpo_loss(logp, old, ref, adv, mask)
+    (grad_ours,) = torch.autograd.grad(ours, logp)
+    naive = naive_loss(logp, old, ref, adv, mask, 0.2, 0.04)
+    (grad_naive,) = torch.autograd.grad(naive, logp)
+    torch.testing.assert_close(ours, naive)
+    torch.testing.assert_close(grad_ours, grad_naive)
+    assert 0 < stats["clip_fraction"] < 1 and stats["kl"] > 0
+
+
+def test_token_level_normalisation(monkeypatch):
+    monkeypatch.setattr(tgrpo, "loss_norm", "token")
+    logp, old, ref, adv, mask = random_rollout(3)
+    ours, _ = tgrpo.tgrpo_loss(logp, old, ref, adv, mask)
+    ratio = torch.exp(logp - old)
+    surrogate = torch.min(ratio * adv[:, None], torch.clamp(ratio, 0.8, 1.2) * adv[:, None])
+    x = ref - logp
+    expected = (-(surrogate - 0.04 * (torch.exp(x) - x - 1)) * mask).sum() / mask.sum()
+    torch.testing.assert_close(ours, expected)
+
+
+def test_clipped_tokens_get_no_policy_gradient(monkeypatch):
+    """With old != current policy the ratio departs from 1; where the clip binds, only the KL term has gradient."""
+    monkeypatch.setattr(tgrpo, "beta", 0.0)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    old = torch.tensor([[0.0, -0.5, 0.5], [0.0, -0.5, 0.5]])   # ratios 1, e^0.5 = 1.65, e^-0.5 = 0.61
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = tgrpo.tgrpo_loss(logp, old, logp.detach(), adv, torch.ones(2, 3))
+    (grad,) = torch.autograd.grad(loss, logp)
+    # A > 0 clips the high ratio, A < 0 the low one; the other tokens keep their gradient
+    assert grad[0, 1] == 0 and grad[1, 2] == 0
+    assert grad[0, 0] != 0 and grad[0, 2] != 0 and grad[1, 0] != 0 and grad[1, 1] != 0
+    assert stats["clip_fraction"] == pytest.approx(2 / 6)
+
+
+def test_one_iteration_has_ratio_exactly_one(monkeypatch):
+    logp, _, ref, adv, mask = random_rollout(4)
+    loss, stats = tgrpo.tgrpo_loss(logp, logp.detach(), ref, adv, mask)
+    assert stats["clip_fraction"] == 0
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def load_examples(toy, kinds, n_each=2):
+    data_dir, model_path = toy
+    net, tok = M.load_model(model_path, "cpu")
+    records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
+    picked = []
+    for kind in kinds:
+        picked += [r for r in records if r["data_type"] == kind][:n_each]
+    return net, tok, picked
+
+
+def test_image_only_batch_has_no_shuffled_rollouts(toy, monkeypatch):
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 4)
+    net, tok, records = load_examples(toy, ["image"], 3)
+    examples, rows, batch, ids, mask, skipped = tgrpo.rollout(net, records, tok, 0, "cpu")
+    assert len(rows) == 3 * tgrpo.num_generations and not any(shuffled for _, shuffled in rows)
+    assert all(shuffled is None for *_, shuffled in examples)
+    _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
+    assert stats["p"] == [] and stats["bonus_granted"] == [] and set(stats["temporal_bonus"]) == {0.0}
+    assert len(batch.clips) == 3  # each image encoded once for its 8 rows
+
+
+def test_mixed_batch_rows_and_clips(toy, monkeypatch):
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 4)
+    net, tok, records = load_examples(toy, ["video", "image"], 2)
+    examples, rows, batch, ids, mask, _ = tgrpo.rollout(net, records, tok, 0, "cpu")
+    G, Gs = tgrpo.num_generations, tgrpo.num_shuffled
+    assert len(rows) == 4 * G + 2 * Gs and sum(s for _, s in rows) == 2 * Gs
+    assert len(batch.clips) == 2 * 2 + 2  # videos: ordered + shuffled clip each; images: one
+    _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
+    assert len(stats["p"]) == 2 and len(stats["accuracy"]) == 4 * G
+    sub, sub_ids, sub_mask, keep = tgrpo.ordered_batch(batch, rows, ids, mask)
+    assert len(keep) == 4 * G and sub.input_ids.shape[0] == sub_ids.shape[0] == 4 * G
+
+
+def test_zero_variance_groups_give_zero_advantages_and_finite_loss(toy):
+    net, tok, records = load_examples(toy, ["video"], 1)
+    record = records[0]
+    answer = record["process"] + record["solution"]
+    G, Gs = tgrpo.num_generations, tgrpo.num_shuffled
+    examples = [(record, None, None, object())]
+    rows = [(0, False)] * G + [(0, True)] * Gs
+    for texts in ([answer] * (G + Gs), ["nothing"] * (G + Gs)):   # all correct, then all wrong
+        rewards_, advantages, stats = tgrpo.score(examples, rows, texts, [10] * (G + Gs))
+        assert np.all(advantages == 0) and np.all(np.isfinite(rewards_))
+        logp = torch.randn(G, 5, requires_grad=True)
+        loss, _ = tgrpo.tgrpo_loss(logp, logp.detach(), logp.detach() + 0.1, torch.tensor(advantages[:G], dtype=torch.float32), torch.ones(G, 5))
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert stats["p"] == [0.0] and stats["bonus_granted"] == [1.0] and set(stats["temporal_bonus"]) == {0.0}
+
+
+def test_ordered_rows_beating_shuffled_earn_the_bonus(toy):
+    net, tok, records = load_examples(toy, ["video"], 1)
+    record = records[0]
+    right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
+    examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
+    rewards_, advantages, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
+    assert stats["p"] == [0.75] and stats["p_shuffled"] == [0.0] and stats["bonus_granted"] == [1.0]
+    assert rewards_[:4].tolist() == pytest.approx([2.3, 2.3, 2.3, 1.0])
+    rewards_, _, stats = tgrpo.score(examples, rows, [right, wrong, wrong, wrong, right, right], [5] * 6)
+    assert stats["bonus_granted"] == [0.0] and rewards_[0] == pytest.approx(2.0)  # p = 0.25 < p~ = 1
+
+
+def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None):
+    data_dir, model_path = toy
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
+           "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_shuffled=2", "--max_new_tokens=6",
+           "--lr=1e-3", "--ckpt_interval=100", *args] + ([f"--train_json={rl_json}"] if rl_json else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def test_resume_is_bit_exact(toy, tmp_path):
+    straight = run_tgrpo(toy, tmp_path / "a")
+    run_tgrpo(toy, tmp_path / "b", "--run_steps=2")
+    resumed = run_tgrpo(toy, tmp_path / "b", "--resume=True")
+    a = load_file(tmp_path / "a" / "step_000004" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "step_000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = ["step", "reward", "accuracy", "format", "temporal_bonus", "loss", "kl", "response_length"]
+    assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
+
+
+def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
+    data_dir, _ = toy
+    records = json.load(open(os.path.join(data_dir, "rl.json")))
+    for r in records:
+        r["path"] = os.path.join(data_dir, r["path"])
+    records[0]["path"] = str(tmp_path / "gone.mp4")           # missing
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    records[1]["path"] = str(tmp_path / "broken.mp4")         # undecodable
+    rl_json = tmp_path / "rl.json"
+    rl_json.write_text(json.dumps(records))
+    metrics = run_tgrpo(toy, tmp_path / "out", "--skip_bad=True", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
+    assert sum(m["skipped"] for m in metrics) >= 1 and all(np.isfinite(m["loss"]) for m in metrics)
+    with pytest.raises(AssertionError, match="gone.mp4|broken.mp4"):  # without skip_bad the same run stops, naming the file
+        run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
+
+
+@pytest.mark.parametrize("zero", ["configs/ds_zero2.json", "configs/ds_zero3.json"])
+def test_two_process_deepspeed_runs_stay_in_sync(toy, tmp_path, zero):
+    """2 ranks under gloo; model.save_checkpoint raises if the ranks' weights differ."""
+    metrics = run_tgrpo(toy, tmp_path, f"--deepspeed={zero}", "--max_steps=2", nproc=2)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    trained = load_file(tmp_path / "step_000002" / "model.safetensors")
+    start = load_file(os.path.join(toy[1], "model.safetensors"))
+    assert any(not torch.equal(trained[k].float(), start[k].float()) for k in start)
