@@ -259,6 +259,31 @@ def sft_target(record) -> str:
     return record["process"] + "\n" + record["solution"]
 
 
+def epoch_slice(records, first, count, seed):
+    """records[first : first + count] of an endless stream that reshuffles every epoch (seeded): the data position
+    is a plain number, so a resumed run needs no data-loader state."""
+    picks = []
+    for i in range(first, first + count):
+        epoch, offset = divmod(i, len(records))
+        picks.append(records[np.random.default_rng([seed, epoch]).permutation(len(records))[offset]])
+    return picks
+
+
+def load_examples(records, tokenizer, limits, skip_bad, contrast_rng=None, contrast="shuffle"):
+    """load_example for each record -> [(record, prompt, clip, contrast_clip)], and how many were skipped: with
+    skip_bad a record whose media fail is reported on stderr and counted, otherwise its DataError stops the run."""
+    examples, skipped = [], 0
+    for record in records:
+        try:
+            examples.append((record, *load_example(record, tokenizer, limits, contrast_rng, contrast)))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            print(f"skipped: {err}", file=sys.stderr)
+            skipped += 1
+    return examples, skipped
+
+
 def load_example(record, tokenizer, limits, contrast_rng=None, contrast="shuffle"):
     """Everything a step needs from one record: (prompt ids, mm types), the clip, and for a video when
     `contrast_rng` is given the contrast clip (shuffled or reversed frames; same token count, so the same prompt).

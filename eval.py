@@ -1,19 +1,15 @@
-"""Evaluate a checkpoint on Video-R1-format eval JSONs (the paper's six benchmarks come in that format) and, by
-default, on the synthetic task's eval set.
+"""Evaluate a checkpoint on Video-R1-format eval JSONs (the paper's six benchmarks come in that format); by default on
+the synthetic task's eval set. Metrics (SPEC): accuracy (reward == 1) for multiple choice and numerical, mean relative
+accuracy for regression, the reward (1 - WER, ROUGE) for OCR and free-form. --shuffled=True also answers each video
+question on its frames shuffled: a model that uses frame order scores lower there (the gap).
 
-    python eval.py                                              # out/tgrpo on out/synthetic/eval.json
-    python eval.py --model_path=out/sft --shuffled=True         # + the temporal-reliance diagnostic
-    python eval.py --model_path=ckpt --data=eval_vsibench.json,eval_mvbench.json --max_frames=32
-    torchrun --nproc_per_node 8 eval.py --data=...              # batches split over ranks; the same result
+    python eval.py                                                # out/tgrpo on out/synthetic/eval.json
+    python eval.py --model_path=out/sft --shuffled=True
+    torchrun --nproc_per_node 8 eval.py --model_path=ckpt --data=eval_vsibench.json,eval_mvbench.json --max_frames=32
 
-Metrics (SPEC): accuracy (reward == 1) for multiple choice and numerical, mean relative accuracy for regression,
-the reward itself (1 - WER, ROUGE) for OCR and free-form. With --shuffled=True each video question is also answered
-on its frames shuffled: a model that uses frame order loses accuracy there (the gap), one that ignores it does not.
-
-Every answer is appended to out_dir/results.rank{R}.jsonl when its batch finishes, so a killed run restarts where it
-stopped. A sample whose media cannot be read, or whose batch runs out of memory, is a result too: failed, with the
-reason, scoring 0 in every mean; nothing is dropped. Where this departs from the official eval: a response without
-<answer> tags answers "" (the official eval scores the whole response then), and decoding is greedy by default.
+Answers are appended to out_dir/results.rank{R}.jsonl batch by batch, so a killed run restarts where it stopped. A
+sample whose media fail, or whose batch runs out of memory, is a result too: failed, with its reason, scoring 0.
+Unlike the official eval, a response without <answer> tags answers "" (there the whole response is the answer).
 """
 import glob
 import json
@@ -21,6 +17,7 @@ import math
 import os
 import sys
 import time
+from decimal import Decimal, InvalidOperation
 import numpy as np
 import torch
 import data as D
@@ -52,12 +49,13 @@ GROUP_FIELDS = ("data_source", "category", "family", "temporal")  # record field
 
 
 def _number(x):
-    """float of a number or a numeric string ("1,200" too); None when it is not a finite number."""
+    """A number or numeric string ("1,200" too) as an exact Decimal, so that 0.9 against 1 is 10% off exactly as
+    written (binary floats make it 9.99...%); None for anything else, nan and inf (and overflowing floats) included."""
     try:
-        value = float(str(x).replace(",", ""))
-    except ValueError:
+        value = Decimal(str(x).replace(",", ""))
+    except InvalidOperation:
         return None
-    return value if math.isfinite(value) else None
+    return value if value.is_finite() and math.isfinite(float(value)) else None
 
 
 def mean_relative_accuracy(pred, gt):
@@ -72,8 +70,7 @@ def mean_relative_accuracy(pred, gt):
     if g == 0:
         return float(p == 0)
     error = abs(p - g) / abs(g)
-    # 1 - t as k/20: then 1 - 0.90 is exactly the double nearest 0.1, so an error of 10% fails t = 0.90 and passes 0.85
-    return sum(error < k / 20 for k in range(1, 11)) / 10
+    return sum(error < Decimal(k) / 20 for k in range(1, 11)) / 10  # 1 - t = k/20 for t = 0.95, ..., 0.50
 
 
 def score(response, record):
@@ -89,64 +86,48 @@ def key(result):
     return result["benchmark"], result["index"], result["shuffled"]
 
 
-def item_key(item):
-    name, record, twin = item
-    return name, record["index"], twin
-
-
-def new_result(name, record, twin):
-    """A sample's result before it is answered: failed samples keep score 0 and say why in `failed`."""
-    return {"benchmark": name, "index": record["index"], "shuffled": twin, "data_type": record["data_type"],
+def new_result(k, record):
+    """Sample k = (benchmark, record index, shuffled?) before it is answered; a failed one keeps score 0 and its reason."""
+    return {"benchmark": k[0], "index": k[1], "shuffled": k[2], "data_type": record["data_type"],
             "problem_type": record["problem_type"], **{f: record[f] for f in GROUP_FIELDS if f in record},
             "response": None, "answer": None, "score": 0.0, "failed": None}
 
 
-def is_out_of_memory(err):
-    """CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError that says so."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
-
-
 def run_batch(net, tokenizer, items, generator, device):
-    """Answer items [(benchmark, record, shuffled?)], one result each. Media are loaded per record before batching,
-    so a bad clip fails only its own samples; a generate that runs out of memory fails the batch's samples."""
-    results = [new_result(*item) for item in items]
-    loaded, prompts, clips, rows = {}, [], [], []
-    for i, (name, record, twin) in enumerate(items):
-        if (name, record["index"]) not in loaded:
-            # the shuffled order is seeded per record, so it does not depend on the batching or the rank
-            rng = np.random.default_rng([seed, record["index"]]) if shuffled else None
+    """Answer items [(k, record)], one result each. Media are loaded per record before batching, so a bad clip fails
+    only its own samples; a generate that runs out of memory fails the batch's samples, each with the reason."""
+    results, loaded, prompts, clips, answered = {k: new_result(k, record) for k, record in items}, {}, [], [], []
+    for k, record in items:
+        if k[:2] not in loaded:  # a record's ordered and shuffled samples share one decode; the shuffled order is
+            rng = np.random.default_rng([seed, k[1]]) if shuffled else None  # seeded per record, not per batch or rank
             try:
-                loaded[name, record["index"]] = D.load_example(record, tokenizer, LIMITS, rng, "shuffle")
+                loaded[k[:2]] = D.load_example(record, tokenizer, LIMITS, rng, "shuffle")
             except D.DataError as err:
-                loaded[name, record["index"]] = err
-        example = loaded[name, record["index"]]
-        if isinstance(example, D.DataError):
-            results[i]["failed"] = str(example)
+                loaded[k[:2]] = err
+        if isinstance(loaded[k[:2]], D.DataError):
+            results[k]["failed"] = str(loaded[k[:2]])
             continue
-        prompt, clip, shuffled_clip = example
+        prompt, clip, shuffled_clip = loaded[k[:2]]
         prompts.append(prompt)
-        clips.append(shuffled_clip if twin else clip)
-        rows.append(i)
-    if not rows:
-        return results
-    tokens_per_second = M.unwrap(net).config.vision_config.tokens_per_second
-    batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tokens_per_second, device)
-    try:
-        ids, mask = M.generate(net, batch, max_new_tokens, [tokenizer.eos_token_id], tokenizer.pad_token_id,
-                               temperature, top_p, generator)
-    except RuntimeError as err:
-        if not is_out_of_memory(err):
-            raise
-        for i in rows:
-            results[i]["failed"] = f"out of memory generating a batch of {len(rows)}: {str(err).splitlines()[0][:200]}"
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return results
-    # past its stop a row holds pad, a special token that decoding skips (ids * mask would make it id 0: "!" in Qwen)
-    texts = tokenizer.batch_decode(ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    for i, text in zip(rows, texts):
-        results[i].update(response=text, answer=rewards.extract_answer(text), score=score(text, items[i][1]))
-    return results
+        clips.append(shuffled_clip if k[2] else clip)
+        answered.append((k, record))
+    if answered:
+        tokens_per_second = M.unwrap(net).config.vision_config.tokens_per_second
+        batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tokens_per_second, device)
+        try:
+            ids, mask = M.generate(net, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
+                                   temperature, top_p, generator)
+        except RuntimeError as err:  # CUDA's torch.OutOfMemoryError, or the CPU allocator's RuntimeError; others rise
+            if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+                raise
+            for k, _ in answered:
+                results[k]["failed"] = f"out of memory in a batch of {len(answered)}: {str(err).splitlines()[0][:200]}"
+            return list(results.values())
+        # past its stop a row holds pad, a special token decoding skips (ids * mask would make it id 0: "!" in Qwen)
+        texts = tokenizer.batch_decode(ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+        for (k, record), text in zip(answered, texts):
+            results[k].update(response=text, answer=rewards.extract_answer(text), score=score(text, record))
+    return list(results.values())
 
 
 def read_results(path, repair=False):
@@ -204,44 +185,38 @@ def metrics(rows):
 
 
 def summarize(results, paths, settings):
-    summary = {"settings": settings, "samples": len(results), "failed": sum(r["failed"] is not None for r in results),
-               "failures": [{**dict(zip(("benchmark", "index", "shuffled"), key(r))), "reason": r["failed"]}
-                            for r in results if r["failed"] is not None], "benchmarks": {}}
+    failures = [{"benchmark": r["benchmark"], "index": r["index"], "shuffled": r["shuffled"], "reason": r["failed"]}
+                for r in results if r["failed"] is not None]
+    summary = {"settings": settings, "samples": len(results), "failed": len(failures), "failures": failures, "benchmarks": {}}
     for name, path in paths.items():
         rows = [r for r in results if r["benchmark"] == name]
-        groups, seen = {}, {frozenset([frozenset(r["index"] for r in rows)])}  # a field that splits nothing adds nothing
+        groups, seen = {}, {frozenset([frozenset(r["index"] for r in rows)])}  # a field splitting nothing adds nothing
         for field in GROUP_FIELDS:
-            by_value = {}
-            for r in rows:
-                if field in r:
-                    label = ("temporal" if r[field] else "control") if field == "temporal" else f"{field}={r[field]}"
-                    by_value.setdefault(label, []).append(r)
-            partition = frozenset(frozenset(r["index"] for r in rs) for rs in by_value.values())
-            if partition not in seen:  # family often repeats data_source's grouping: show it once
+            split = {}
+            for r in (r for r in rows if field in r):
+                label = ("temporal" if r[field] else "control") if field == "temporal" else f"{field}={r[field]}"
+                split.setdefault(label, []).append(r)
+            partition = frozenset(frozenset(r["index"] for r in rs) for rs in split.values())
+            if partition not in seen:  # the synthetic set's family repeats its data_source: shown once
                 seen.add(partition)
-                groups |= {label: metrics(by_value[label]) for label in sorted(by_value)}
+                groups |= {label: metrics(split[label]) for label in sorted(split)}
         summary["benchmarks"][name] = {"json": path, "all": metrics(rows), "groups": groups}
     return summary
 
 
 def table(summary):
-    s = summary["settings"]
+    s, pct = summary["settings"], lambda x, fmt=".1f": "-" if x is None else format(100 * x, fmt)
     decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
-    cols = ["benchmark", "group", "records", "failed", "score %"] + (["videos", "ordered %", "shuffled %", "gap"] if s["shuffled"] else [])
-    pct = lambda x, fmt=".1f": "-" if x is None else format(100 * x, fmt)
-    lines = [f"checkpoint: {s['checkpoint']}",
-             f"{s['min_frames']}-{s['max_frames']} frames at {s['fps']} fps, {s['min_pixels']}-{s['max_pixels']} pixels per "
-             f"frame, {decoding}, max_new_tokens {s['max_new_tokens']}",
-             f"{summary['failed']} of {summary['samples']} samples failed; a failed sample scores 0 in every mean "
-             f"(reasons in summary.json)"]
-    if s["shuffled"]:
-        lines.append("ordered / shuffled: the video records answered on frames in order / shuffled; gap in points")
+    cols = ["benchmark", "group", "records", "failed", "score %"] + ["videos", "ordered %", "shuffled %", "gap"] * s["shuffled"]
+    lines = [f"checkpoint {s['checkpoint']}: {s['min_frames']}-{s['max_frames']} frames at {s['fps']} fps, "
+             f"{s['min_pixels']}-{s['max_pixels']} pixels per frame, {decoding}, max_new_tokens {s['max_new_tokens']}",
+             f"{summary['failed']} of {summary['samples']} samples failed (reasons in summary.json); a failed sample scores 0"]
+    lines += ["ordered / shuffled: video records answered on frames in order / shuffled; gap in points"] * s["shuffled"]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, bench in summary["benchmarks"].items():
         for group, m in [("all", bench["all"]), *bench["groups"].items()]:
             cells = [name, group, m["records"], m["failed"], pct(m["score"])]
-            if s["shuffled"]:
-                cells += [m["videos"], pct(m["ordered"]), pct(m["shuffled"]), pct(m["gap"], "+.1f")]
+            cells += [m["videos"], pct(m["ordered"]), pct(m["shuffled"]), pct(m["gap"], "+.1f")] if s["shuffled"] else []
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -249,31 +224,27 @@ def table(summary):
 if __name__ == "__main__":
     device = M.setup_distributed()
     checkpoint = M.latest_checkpoint(model_path) or model_path
-    paths, benchmarks = {}, {}
-    for path in data.split(","):
-        name = os.path.splitext(os.path.basename(path))[0]
-        if name in paths:
-            raise ValueError(f"{paths[name]} and {path} would both be benchmark {name!r}")
-        paths[name], benchmarks[name] = path, D.load_records(path, media_root or None)[0]
-    settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
-    check_settings(settings)
-    net, tokenizer = M.load_model(checkpoint, device)
-    net.eval()
-    # a fixed list of batches, dealt out to ranks: every sample is answered in the same batch whatever the number of
-    # ranks or restarts, so padding cannot change a greedy answer and the result equals the 1-process one
-    items = [(name, record, twin) for name, records in benchmarks.items() for record in records
+    paths = {os.path.splitext(os.path.basename(path))[0]: path for path in data.split(",")}
+    if len(paths) < len(data.split(",")):
+        raise ValueError(f"two eval JSONs share a file name, which names the benchmark: {data}")
+    # a fixed list of batches dealt out to ranks: each sample is answered in the same batch whatever the number of
+    # ranks or restarts, so padding cannot change a greedy answer, and N ranks give the 1-process result
+    items = [((name, record["index"], twin), record) for name, path in paths.items()
+             for record in D.load_records(path, media_root or None)[0]
              for twin in ((False, True) if shuffled and record["data_type"] == "video" else (False,))]
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+    net, tokenizer = M.load_model(checkpoint, device)  # before run.json is written: a wrong path must not stick
+    net.eval()
+    settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
+    check_settings(settings)
     own = os.path.join(out_dir, f"results.rank{M.RANK}.jsonl")
     if os.path.exists(own):
         read_results(own, repair=True)
     done = {key(r) for r in all_results()}
-    M.print0(f"eval {checkpoint}: {len(items)} samples of {', '.join(paths)} in {len(batches)} batches on {M.WORLD} "
-             f"rank(s), {len(done)} done before")
+    M.print0(f"eval {checkpoint}: {len(items)} samples in {len(batches)} batches on {M.WORLD} rank(s), {len(done)} done before")
     with open(own, "a") as log:
         for j in range(M.RANK, len(batches), M.WORLD):
-            todo = [item for item in batches[j] if item_key(item) not in done]
-            if not todo:
+            if all(k in done for k, _ in batches[j]):
                 continue
             t0 = time.time()
             generator = torch.Generator(device).manual_seed(int(np.random.default_rng([seed, j]).integers(2**62)))
@@ -281,16 +252,12 @@ if __name__ == "__main__":
             log.write("".join(json.dumps(r) + "\n" for r in results if key(r) not in done))
             log.flush()
             os.fsync(log.fileno())
-            M.print0(f"batch {j + 1}/{len(batches)}: {len(todo)} samples, {time.time() - t0:.1f} s")
+            M.print0(f"batch {j + 1}/{len(batches)}: {time.time() - t0:.1f} s")
     M.barrier()
     if M.RANK == 0:
         merged = {key(r): r for r in all_results()}
-        missing = [item_key(item) for item in items if item_key(item) not in merged]
-        if missing:
-            raise RuntimeError(f"{len(missing)} samples have no result in {out_dir}, e.g. {missing[:3]}")
-        summary = summarize([merged[item_key(item)] for item in items], paths, settings)
+        summary = summarize([merged[k] for k, _ in items], paths, settings)  # a KeyError names a lost sample
         write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
-        text = table(summary)
-        write_atomic(os.path.join(out_dir, "table.md"), text)
-        print(text, flush=True)
+        write_atomic(os.path.join(out_dir, "table.md"), table(summary))
+        print(table(summary), flush=True)
     M.finish()

@@ -68,6 +68,8 @@ def ensure_tiny_model(path, texts, seed=0):
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
     """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code."""
+    if not os.path.isfile(os.path.join(path, "config.json")):  # else transformers would ask the hub for it by name
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); models load from local folders only")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                                trust_remote_code=False).to(device)
@@ -76,6 +78,10 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
         model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer
+
+def stop_ids(tokenizer):
+    """A turn ends at <|im_end|>; Qwen2.5-VL-Instruct's generation config also stops at <|endoftext|>."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 # ----------------------------------------------------------------------------- M-RoPE positions, by hand
 

@@ -70,19 +70,10 @@ def ensure_default_inputs():
 def make_batch(net, records, tokenizer, device):
     """Prompts with their media, and the SFT targets as completions; a record whose media fail is skipped and
     counted only when skip_bad is set. Returns (batch, target ids, target mask, skipped, truncated) or Nones."""
-    prompts, clips, targets, skipped = [], [], [], 0
-    for record in records:
-        try:
-            prompt, clip, _ = data.load_example(record, tokenizer, LIMITS)
-        except data.DataError as err:
-            if not skip_bad:
-                raise
-            print(f"skipped: {err}", file=sys.stderr)
-            skipped += 1
-            continue
-        prompts.append(prompt)
-        clips.append(clip)
-        targets.append(tokenizer(data.sft_target(record) + "<|im_end|>", add_special_tokens=False).input_ids)
+    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad)
+    prompts = [prompt for _, prompt, _, _ in examples]
+    clips = [clip for _, _, clip, _ in examples]
+    targets = [tokenizer(data.sft_target(r) + "<|im_end|>", add_special_tokens=False).input_ids for r, *_ in examples]
     if not prompts:
         return None, None, None, skipped, 0
     truncated = sum(len(t) > max_target_tokens for t in targets)
@@ -101,18 +92,6 @@ def sft_loss(net, batch, target_ids, target_mask):
     """Mean negative log-likelihood over target tokens only: prompt positions never enter the loss."""
     logprobs = M.completion_logprobs(net, batch, target_ids, target_mask)   # (B, T)
     return -(logprobs * target_mask).sum() / target_mask.sum()
-
-
-def records_for(step, micro, train):
-    """This rank's records for one micro-step: a fresh seeded permutation each epoch, sharded by global rank,
-    so the data position is a function of the step and resuming needs no data state."""
-    per_step = batch_size * M.WORLD
-    first = (step * grad_accum + micro) * per_step + M.RANK * batch_size
-    picks = []
-    for i in range(first, first + batch_size):
-        epoch, offset = divmod(i, len(train))
-        picks.append(train[np.random.default_rng([seed, epoch]).permutation(len(train))[offset]])
-    return picks
 
 
 @torch.no_grad()
@@ -150,7 +129,9 @@ if __name__ == "__main__":
         t0, lr_now = time.time(), M.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
         losses, skipped, truncated, tokens = [], 0, 0, 0
         for micro in range(grad_accum):
-            batch, ids, mask, n_skip, n_trunc = make_batch(net, records_for(step, micro, train), tokenizer, device)
+            position = ((step * grad_accum + micro) * M.WORLD + M.RANK) * batch_size  # in the endless record stream
+            records_now = data.epoch_slice(train, position, batch_size, seed)
+            batch, ids, mask, n_skip, n_trunc = make_batch(net, records_now, tokenizer, device)
             skipped, truncated = skipped + n_skip, truncated + n_trunc
             if batch is None:
                 continue

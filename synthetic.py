@@ -70,11 +70,12 @@ def pick(rng, k=1):
 
 
 # Scenes: (rng, slot, frames F, size W, fps) -> (frames, facts for the FAMILIES templates). `slot` counts up
-# within a family; scenes whose answer is not an MC letter cycle it through their answers to balance them.
+# within a family; each scene cycles its answers with it (periods chosen so that no attribute predicts another),
+# so every family's answers, and with fixed option order its letters, are balanced.
 def moving(rng, slot, F, W, fps):
-    """One object crossing the frame in a random direction."""
-    (colour,), (shape,) = pick(rng)
-    d, s = list(MOTION)[rng.integers(4)], round(OBJ_FRAC * W)
+    """One object crossing the frame; direction, colour and shape cycle with co-prime periods."""
+    colour, shape = list(COLOURS)[(slot + slot // 4) % 4], SHAPES[(slot + slot // 12) % 3]
+    d, s = list(MOTION)[slot % 4], round(OBJ_FRAC * W)
     lo, hi, span = s / 2 + 1, W - s / 2 - 1, 0.1 * W
     along = np.linspace(rng.uniform(lo, lo + span), rng.uniform(hi - span, hi), F)
     along, across = along if d in ("right", "down") else along[::-1], rng.uniform(lo, hi)
@@ -86,7 +87,8 @@ def moving(rng, slot, F, W, fps):
 
 def order(rng, slot, F, W, fps):
     """One object alone in the first half, another alone in the second: equal frame counts, so only order tells."""
-    (c1, c2), (s1, s2) = pick(rng, 2)
+    c1 = list(COLOURS)[slot % 4]
+    c2, (s1, s2) = str(rng.choice([c for c in COLOURS if c != c1])), [str(x) for x in rng.choice(SHAPES, 2)]
     s = round(OBJ_FRAC * W)
     objs = [(sh, c, *rng.uniform(s / 2 + 1, W - s / 2 - 1, 2), s) for sh, c in ((s1, c1), (s2, c2))]
     return [paint(W, [objs[t >= F // 2]]) for t in range(F)], dict(c1=c1, c2=c2, s1=s1, s2=s2)
@@ -95,7 +97,7 @@ def order(rng, slot, F, W, fps):
 def growth(rng, slot, F, W, fps):
     """One object growing from OBJ_FRAC to BIG_FRAC of the frame, or shrinking back."""
     (colour,), (shape,) = pick(rng)
-    grow, big = rng.integers(2) == 0, BIG_FRAC * W
+    grow, big = slot % 2 == 0, BIG_FRAC * W
     cx, cy = rng.uniform(big / 2, W - big / 2, 2)
     word, first, last = ("growing", "small", "big") if grow else ("shrinking", "big", "small")
     sides = np.linspace(OBJ_FRAC * W, big, F)[:: 1 if grow else -1]
@@ -167,11 +169,11 @@ FAMILIES = {
 }
 
 
-def mc(rng, answer, choices, slot):
-    """Shuffled options with the answer at letter `slot`, which the caller cycles so letters are balanced."""
-    others = [choices[j] for j in rng.permutation(len(choices)) if choices[j] != answer]
-    slot %= len(choices)
-    return [f"{'ABCD'[j]}. {o}" for j, o in enumerate(others[:slot] + [answer] + others[slot:])], "ABCD"[slot]
+def mc(answer, choices):
+    """Options in the family's fixed order, so that a letter always means the same thing: a tiny model can then
+    learn "red -> A" directly (with shuffled options it must also bind letters to words, which it did not learn
+    in 600 SFT steps: every family stayed at chance). Answers are drawn uniformly, so letters stay balanced."""
+    return [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)], "ABCD"[choices.index(answer)]
 
 
 def write_mp4(path, frames, fps):
@@ -197,7 +199,7 @@ def make_split(out_dir, split, n, seed, first_id, F, W, fps):
         rec = {"problem_id": first_id + i, "problem": question, "data_type": "image" if image else "video",
                "problem_type": ptype}
         if choices:
-            rec["options"], answer = mc(rng, answer, choices, slot)
+            rec["options"], answer = mc(answer, choices)
         path = f"images/{split}_{i:05d}.png" if image else f"videos/{split}_{i:05d}.mp4"
         if image:
             Image.fromarray(frames[0]).save(os.path.join(out_dir, path))

@@ -153,7 +153,7 @@ def test_ordered_rows_beating_shuffled_earn_the_bonus(toy):
 
 def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None):
     data_dir, model_path = toy
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, "tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
            "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_shuffled=2", "--max_new_tokens=6",
            "--lr=1e-3", "--ckpt_interval=100", *args] + ([f"--train_json={rl_json}"] if rl_json else [])

@@ -94,17 +94,7 @@ def rollout(policy, records, tokenizer, step, device):
     """Generate G ordered rollouts per prompt and G~ shuffled ones per video prompt, in one batched call.
     Returns the examples kept, the rows (prompt index, shuffled?) and the completions."""
     rng = np.random.default_rng([seed, step, M.RANK])
-    examples, skipped = [], 0
-    for record in records:
-        try:
-            prompt, clip, shuffled = data.load_example(record, tokenizer, LIMITS, rng if temporal else None, contrast)
-        except data.DataError as err:
-            if not skip_bad:
-                raise
-            print(f"step {step}: skipped {err}", file=sys.stderr)
-            skipped += 1
-            continue
-        examples.append((record, prompt, clip, shuffled))
+    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad, rng if temporal else None, contrast)
     clips, encoded, row_clip, rows = [], [], [], []
     for i, (record, prompt, clip, shuffled) in enumerate(examples):
         for contrast_clip, n in ((clip, num_generations), (shuffled, num_shuffled if shuffled is not None else 0)):
@@ -120,7 +110,7 @@ def rollout(policy, records, tokenizer, step, device):
     batch = M.collate_prompts(encoded, clips, row_clip, tokenizer.pad_token_id, tps, device)
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
     with M.gathered_for_generation(policy):
-        ids, mask = M.generate(policy, batch, max_new_tokens, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+        ids, mask = M.generate(policy, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                                temperature, top_p, generator)
     return examples, rows, batch, ids, mask, skipped
 
@@ -194,16 +184,6 @@ def train_step(opt, ref, batch, ids, mask, advantages, lr_now):
     return {"loss": loss.item(), **stats, "grad_norm": grad_norm}
 
 
-def records_for(step, train):
-    """This rank's prompts of a step: a seeded permutation per epoch, sharded by global rank."""
-    first = step * batch_size * M.WORLD + M.RANK * batch_size
-    picks = []
-    for i in range(first, first + batch_size):
-        epoch, offset = divmod(i, len(train))
-        picks.append(train[np.random.default_rng([seed, epoch]).permutation(len(train))[offset]])
-    return picks
-
-
 def mean_over_ranks(values, device):
     """Average each metric over ranks (NaN where no rank had a value, e.g. p with no video prompt)."""
     t = torch.tensor([[v, 1.0] if not math.isnan(v) else [0.0, 0.0] for v in values], device=device, dtype=torch.float64)
@@ -232,9 +212,10 @@ if __name__ == "__main__":
     for step in range(start, stop):
         t0, lr_now = time.time(), M.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
         policy.eval()
-        examples, rows, batch, ids, mask, skipped = rollout(opt.model, records_for(step, train), tokenizer, step, device)
+        records_now = data.epoch_slice(train, (step * M.WORLD + M.RANK) * batch_size, batch_size, seed)
+        examples, rows, batch, ids, mask, skipped = rollout(opt.model, records_now, tokenizer, step, device)
         rollout_time = time.time() - t0
-        texts = tokenizer.batch_decode(ids * mask, skip_special_tokens=True) if examples else []
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if examples else []  # past a stop: pad
         lengths = mask.sum(1).tolist() if examples else []
         policy.train()
         if examples:

@@ -1,0 +1,22 @@
+# T-GRPO at paper scale (SPEC.md): the SFT model on Video-R1-260k, 8x A100-80GB, ZeRO-3, about 1k steps.
+# torchrun --nproc_per_node 8 tgrpo.py configs/tgrpo_paper.py
+init_from = "out/sft_paper"
+data_dir = "data"
+train_json = "data/Video-R1-260k.json"
+media_root = "data"
+out_dir = "out/tgrpo_paper"
+max_steps = 1000
+batch_size = 1                     # prompts per GPU, as in the paper; any value works
+num_generations = 8
+num_shuffled = 4
+max_new_tokens = 768
+lr = 1e-6
+min_lr_ratio = 0.0                 # cosine to 0, as the official scripts
+beta = 0.04
+max_frames = 16
+max_pixels = 128 * 28 * 28
+skip_bad = True
+sample_interval = 20
+ckpt_interval = 100
+grad_ckpt = True
+deepspeed = "configs/ds_zero3.json"

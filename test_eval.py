@@ -1,0 +1,179 @@
+"""eval.py: MRA by hand, resume after a crash mid-file, failure accounting, the shuffled diagnostic, 2 ranks == 1."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import pytest
+import torch
+import data
+import eval as E
+import model as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_eval(toy, out_dir, *args, nproc=1, check=True):
+    """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens to stay fast."""
+    data_dir, model_path = toy
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "eval.py", f"--model_path={model_path}", f"--data={os.path.join(data_dir, 'eval.json')}",
+           f"--out_dir={out_dir}", "--batch_size=4", "--max_new_tokens=8", *args]
+    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if not check:
+        return result
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return json.load(f), result.stdout
+
+
+def results_by_key(out_dir):
+    rows = [r for name in os.listdir(out_dir) if name.startswith("results.rank") for r in E.read_results(os.path.join(out_dir, name))]
+    by_key = {E.key(r): r for r in rows}
+    assert len(by_key) == len(rows), "a sample was answered twice"
+    return by_key
+
+
+@pytest.fixture(scope="module")
+def shuffled_run(toy, tmp_path_factory):
+    """One full 1-process run with the shuffled diagnostic: (out_dir, summary, stdout)."""
+    out_dir = tmp_path_factory.mktemp("eval") / "full"
+    return (out_dir, *run_eval(toy, out_dir, "--shuffled=True"))
+
+
+def test_mean_relative_accuracy_by_hand():
+    assert E.mean_relative_accuracy(100, 100) == 1.0
+    # 10% off: |e| = 0.10 < 1 - t holds for t = 0.50 ... 0.85 (8 thresholds), not for 0.90 (0.10 < 0.10) or 0.95
+    for pred, gt in [(110, 100), (90, 100), ("0.9", "1"), (0.9, 1), (1.1, 1), ("1,100", "1,000"), (-110, -100), ("-90", -100)]:
+        assert E.mean_relative_accuracy(pred, gt) == 0.8, (pred, gt)
+    assert E.mean_relative_accuracy(150, 100) == 0.0      # 0.5 < 1 - 0.50 fails: none pass
+    assert E.mean_relative_accuracy(149, 100) == 0.1      # only t = 0.50
+    assert E.mean_relative_accuracy(105, 100) == 0.9      # 0.05 < 0.05 fails at t = 0.95 only
+    assert E.mean_relative_accuracy(104.9, 100) == 1.0
+    assert E.mean_relative_accuracy(-100, 100) == 0.0     # the wrong sign is 200% off
+    for bad in ["nan", "inf", "-inf", "abc", "", "1e999", float("nan"), None]:
+        assert E.mean_relative_accuracy(bad, 3) == 0.0, bad
+    assert E.mean_relative_accuracy(0, 0) == 1.0 and E.mean_relative_accuracy("0.0", "0") == 1.0
+    assert E.mean_relative_accuracy(1e-9, 0) == 0.0       # gt == 0: only the exact answer counts
+    with pytest.raises(ValueError, match="ground truth"):
+        E.mean_relative_accuracy(3, "three")
+
+
+def test_read_results_tolerates_only_a_cut_last_line(tmp_path):
+    path = str(tmp_path / "results.rank0.jsonl")
+    rows = [{"benchmark": "b", "index": i, "shuffled": False} for i in range(3)]
+    lines = [json.dumps(r) + "\n" for r in rows]
+    with open(path, "w") as f:
+        f.write(lines[0] + lines[1] + lines[2][:9])
+    assert E.read_results(path) == rows[:2]
+    assert open(path).read().endswith(lines[2][:9])        # reading alone leaves the file
+    assert E.read_results(path, repair=True) == rows[:2]
+    assert open(path).read() == lines[0] + lines[1]        # the cut line is gone, so appends start on a clean line
+    with open(path, "w") as f:
+        f.write(lines[0] + lines[1][:9] + "\n" + lines[2])  # a cut line in the middle is corruption, not a crash
+    with pytest.raises(ValueError, match="line 2"):
+        E.read_results(path)
+
+
+def test_summary_counts_failures_as_zero_and_the_gap(monkeypatch):
+    monkeypatch.setattr(E, "shuffled", True)
+    def row(index, twin, score, family, temporal, data_type="video", failed=None):
+        return {"benchmark": "b", "index": index, "shuffled": twin, "data_type": data_type, "problem_type": "numerical",
+                "data_source": "s", "family": family, "temporal": temporal, "score": score, "failed": failed}
+    results = [row(0, False, 1.0, "order", True), row(0, True, 0.0, "order", True),
+               row(1, False, 1.0, "size", True), row(1, True, 1.0, "size", True),
+               row(2, False, 0.0, "colour", False, failed="x.mp4: video file not found"),
+               row(2, True, 0.0, "colour", False, failed="x.mp4: video file not found"),
+               row(3, False, 1.0, "count", False, "image")]
+    settings = dict(checkpoint="c", min_frames=4, max_frames=16, fps=2.0, min_pixels=1, max_pixels=2, temperature=0.0,
+                    top_p=1.0, max_new_tokens=8, shuffled=True)
+    summary = E.summarize(results, {"b": "b.json"}, settings)
+    assert summary["samples"] == 7 and summary["failed"] == 2 and [f["index"] for f in summary["failures"]] == [2, 2]
+    b = summary["benchmarks"]["b"]
+    assert b["all"] == pytest.approx({"records": 4, "failed": 2, "score": 0.75, "videos": 3, "ordered": 2 / 3,
+                                      "shuffled": 1 / 3, "gap": 1 / 3})
+    assert b["groups"]["temporal"] == {"records": 2, "failed": 0, "score": 1.0, "videos": 2, "ordered": 1.0,
+                                       "shuffled": 0.5, "gap": 0.5}
+    assert b["groups"]["control"] == {"records": 2, "failed": 2, "score": 0.5, "videos": 1, "ordered": 0.0,
+                                      "shuffled": 0.0, "gap": 0.0}
+    assert b["groups"]["family=count"]["videos"] == 0 and b["groups"]["family=count"]["gap"] is None
+    assert "data_source=s" not in b["groups"]  # one data_source for all: it splits nothing
+    text = E.table(summary)
+    assert "2 of 7 samples failed" in text and "| b | control | 2 | 2 | 50.0 | 1 | 0.0 | 0.0 | +0.0 |" in text
+    assert "| b | all | 4 | 2 | 75.0 | 3 | 66.7 | 33.3 | +33.3 |" in text and "| b | family=count | 1 | 0 | 100.0 | 0 | - | - | - |" in text
+
+
+def test_resume_after_a_crash_mid_file(toy, shuffled_run, tmp_path):
+    full_dir, full, _ = shuffled_run
+    lines = open(full_dir / "results.rank0.jsonl").read().splitlines(keepends=True)
+    k = 10  # batches of 4: two whole batches, half of the third, and a half-written line
+    shutil.copy(full_dir / "run.json", tmp_path / "run.json")
+    (tmp_path / "results.rank0.jsonl").write_text("".join(lines[:k]) + lines[k][:len(lines[k]) // 2])
+    resumed, stdout = run_eval(toy, tmp_path, "--shuffled=True")
+    assert f"{k} done before" in stdout
+    assert resumed == full                                  # every metric, count and setting
+    assert results_by_key(tmp_path) == results_by_key(full_dir)
+    assert open(tmp_path / "results.rank0.jsonl").read().startswith("".join(lines[:k]))
+    # results of other settings never mix in: the run refuses the folder
+    refused = run_eval(toy, tmp_path, "--shuffled=True", "--max_frames=8", check=False)
+    assert refused.returncode != 0 and "other settings" in refused.stderr
+
+
+def test_a_missing_clip_is_a_counted_failure(toy, tmp_path):
+    data_dir, _ = toy
+    records = json.load(open(os.path.join(data_dir, "eval.json")))[:6]
+    bad = next(i for i, r in enumerate(records) if r["data_type"] == "video")
+    records[bad]["path"] = "./videos/missing.mp4"
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(records))
+    summary, stdout = run_eval(toy, tmp_path / "out", f"--data={bench}", f"--media_root={data_dir}")
+    assert summary["samples"] == 6 and summary["failed"] == 1
+    (failure,) = summary["failures"]
+    assert failure["index"] == bad and "missing.mp4" in failure["reason"] and "not found" in failure["reason"]
+    results = results_by_key(tmp_path / "out")
+    assert all(r["response"] is not None and r["failed"] is None for k, r in results.items() if k[1] != bad)
+    whole = summary["benchmarks"]["bench"]["all"]
+    assert whole["records"] == 6 and whole["failed"] == 1   # in the denominator, as 0
+    assert whole["score"] == pytest.approx(sum(r["score"] for r in results.values()) / 6)
+    assert "1 of 6 samples failed" in stdout and "| bench | all | 6 | 1 |" in stdout
+
+
+def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):
+    data_dir, model_path = toy
+    net, tok = M.load_model(model_path, "cpu")
+    records = data.load_records(os.path.join(data_dir, "eval.json"))[0][:3]
+    items = [(("b", r["index"], False), r) for r in records]
+    for err in [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")]:
+        monkeypatch.setattr(M, "generate", lambda *a, err=err, **k: (_ for _ in ()).throw(err))
+        results = E.run_batch(net, tok, items, None, "cpu")
+        assert [r["index"] for r in results] == [r["index"] for r in records]
+        assert all("out of memory in a batch of 3" in r["failed"] and r["score"] == 0.0 for r in results)
+    monkeypatch.setattr(M, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shapes cannot be multiplied")))
+    with pytest.raises(RuntimeError, match="shapes"):
+        E.run_batch(net, tok, items, None, "cpu")
+
+
+def test_shuffled_diagnostic_per_family(toy, shuffled_run):
+    full_dir, summary, stdout = shuffled_run
+    records = json.load(open(os.path.join(toy[0], "eval.json")))
+    results = results_by_key(full_dir)
+    videos = [i for i, r in enumerate(records) if r["data_type"] == "video"]
+    assert sorted(k[1] for k in results if k[2]) == videos  # one shuffled answer per video, none for images
+    groups = summary["benchmarks"]["eval"]["groups"]
+    for family in ("temporal", "control"):
+        m = groups[family]
+        assert m["ordered"] - m["shuffled"] == pytest.approx(m["gap"])
+        assert f"| eval | {family} | {m['records']} | 0 |" in stdout
+    assert groups["control"]["videos"] < groups["control"]["records"]  # control images have no shuffled twin
+    assert groups["temporal"]["videos"] == groups["temporal"]["records"]
+    assert "| benchmark | group | records | failed | score % | videos | ordered % | shuffled % | gap |" in stdout
+    assert open(full_dir / "table.md").read() in stdout
+
+
+def test_two_ranks_equal_one(toy, shuffled_run, tmp_path):
+    full_dir, full, _ = shuffled_run
+    split, _ = run_eval(toy, tmp_path, "--shuffled=True", nproc=2)
+    assert split == full
+    assert os.path.getsize(tmp_path / "results.rank0.jsonl") and os.path.getsize(tmp_path / "results.rank1.jsonl")
+    assert results_by_key(tmp_path) == results_by_key(full_dir)  # identical responses, sample by sample
