@@ -123,8 +123,8 @@ def run_batch(net, tokenizer, items, generator, device):
             for k, _ in answered:
                 results[k]["failed"] = f"out of memory in a batch of {len(answered)}: {str(err).splitlines()[0][:200]}"
             return list(results.values())
-        # past its stop a row holds pad, a special token decoding skips (ids * mask would make it id 0: "!" in Qwen)
-        texts = tokenizer.batch_decode(ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+        # past its stop a row holds pad, a special token that decoding skips (never ids * mask: id 0 is "!" in Qwen)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for (k, record), text in zip(answered, texts):
             results[k].update(response=text, answer=rewards.extract_answer(text), score=score(text, record))
     return list(results.values())
