@@ -115,10 +115,12 @@ def rollout(policy, records, tokenizer, step, device):
     return examples, rows, batch, ids, mask, skipped
 
 
+STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_shuffled", "bonus_granted")
+
+
 def score(examples, rows, texts, lengths):
     """Rewards of the ordered rollouts, one group per prompt, and the temporal statistics of video prompts."""
-    stats = {"accuracy": [], "format": [], "length_bonus": [], "temporal_bonus": [], "reward": [], "p": [],
-             "p_shuffled": [], "bonus_granted": []}
+    stats = {name: [] for name in STATS}
     rewards_out, advantages = np.zeros(len(rows)), np.zeros(len(rows))
     for i, (record, _, _, shuffled) in enumerate(examples):
         group = [b for b, (j, is_shuffled) in enumerate(rows) if j == i and not is_shuffled]
@@ -224,7 +226,8 @@ if __name__ == "__main__":
             update = train_step(opt, ref, sub, sub_ids, sub_mask, torch.tensor(advantages[keep], dtype=torch.float32, device=device), lr_now)
         else:  # every clip of this rank failed: a zero backward keeps its collectives in step with the other ranks
             opt.backward(sum(p.sum() for p in policy.parameters()) * 0.0)
-            stats, update = {}, {"loss": math.nan, "kl": math.nan, "clip_fraction": math.nan, "grad_norm": opt.step(lr_now)}
+            stats = {name: [] for name in STATS}
+            update = {"loss": math.nan, "kl": math.nan, "clip_fraction": math.nan, "grad_norm": opt.step(lr_now)}
         local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
         local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update, "skipped": float(skipped),
                   "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
