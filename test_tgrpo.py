@@ -151,6 +151,21 @@ def test_ordered_rows_beating_shuffled_earn_the_bonus(toy):
     assert stats["bonus_granted"] == [0.0] and rewards_[0] == pytest.approx(2.0)  # p = 0.25 < p~ = 1
 
 
+def test_plain_grpo_measures_p_but_pays_no_bonus(toy, monkeypatch):
+    monkeypatch.setattr(tgrpo, "temporal", False)
+    net, tok, records = load_examples(toy, ["video"], 1)
+    record = records[0]
+    right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
+    examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
+    rewards_, _, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
+    assert stats["p"] == [0.75] and stats["p_shuffled"] == [0.0] and stats["bonus_granted"] == [1.0]
+    assert rewards_[:4].tolist() == pytest.approx([2.0, 2.0, 2.0, 1.0]) and set(stats["temporal_bonus"]) == {0.0}
+    monkeypatch.setattr(tgrpo, "num_shuffled", 0)
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 2)
+    examples, rows, batch, *_ = tgrpo.rollout(net, records, tok, 0, "cpu")
+    assert not any(s for _, s in rows) and len(batch.clips) == 1  # no contrast clip is even built
+
+
 def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None):
     data_dir, model_path = toy
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]

@@ -49,8 +49,8 @@ seed = 0                             # all randomness of step s on rank r derive
 max_steps = 120                      # ~2 min on 2 CPU cores for the default run
 batch_size = 4                       # prompts per device per step
 num_generations = 8                  # G: ordered rollouts per prompt (SPEC)
-num_shuffled = 4                     # G~: shuffled rollouts per video prompt (SPEC: G/2)
-temporal = True                      # False: plain GRPO, no shuffled rollouts, no temporal reward
+num_shuffled = 4                     # G~: shuffled rollouts per video prompt (SPEC: G/2); 0: none
+temporal = True                      # False: plain GRPO, no temporal reward (the shuffled rollouts still measure p~)
 temporal_rule = "paper"              # "paper" or "official" (rewards.temporal_bonus)
 contrast = "shuffle"                 # how the contrast clip is built: "shuffle" or "reverse"
 alpha = 0.3                          # temporal reward (eq. 1)
@@ -94,7 +94,7 @@ def rollout(policy, records, tokenizer, step, device):
     """Generate G ordered rollouts per prompt and G~ shuffled ones per video prompt, in one batched call.
     Returns the examples kept, the rows (prompt index, shuffled?) and the completions."""
     rng = np.random.default_rng([seed, step, M.RANK])
-    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad, rng if temporal else None, contrast)
+    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad, rng if num_shuffled else None, contrast)
     clips, encoded, row_clip, rows = [], [], [], []
     for i, (record, prompt, clip, shuffled) in enumerate(examples):
         for contrast_clip, n in ((clip, num_generations), (shuffled, num_shuffled if shuffled is not None else 0)):
@@ -128,10 +128,12 @@ def score(examples, rows, texts, lengths):
         fmt = [rewards.format_reward(texts[b]) for b in group]
         length = rewards.length_bonus(acc, [lengths[b] for b in group], length_rule) if length_bonus else [0.0] * len(group)
         bonus = [0.0] * len(group)
-        if shuffled is not None:  # a video under temporal=True: the contrast decides the temporal reward
+        if shuffled is not None:  # a video with shuffled rollouts: the contrast decides the temporal reward
             shuffled_rows = [b for b, (j, is_shuffled) in enumerate(rows) if j == i and is_shuffled]
             shuffled_acc = [rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"]) for b in shuffled_rows]
             bonus, p, p_shuffled, granted = rewards.temporal_bonus(acc, shuffled_acc, temporal_rule, alpha, mu, correct_threshold)
+            if not temporal:  # plain GRPO: p and p~ are measured, for comparison, but nothing is paid
+                bonus = [0.0] * len(group)
             stats["p"].append(p)
             stats["p_shuffled"].append(p_shuffled)
             stats["bonus_granted"].append(float(granted))

@@ -1,0 +1,67 @@
+"""Curves and the result table of compare.sh: T-GRPO against plain GRPO, mean over seeds.
+
+    python plot.py out/compare      # reads {tgrpo,grpo}_seed*/metrics.jsonl and */eval/summary.json
+
+Writes out/compare/curves.png (mean reward, share of video groups with p >= mu * p~, and p - p~ over steps; the
+band is +-1 std over seeds) and prints a markdown table of eval accuracy (mean +- std over seeds)."""
+import glob
+import json
+import os
+import sys
+import numpy as np
+import matplotlib
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt
+
+METHODS = {"tgrpo": "T-GRPO", "grpo": "GRPO (temporal=False)"}
+CURVES = [("reward", "mean reward (ordered rollouts)"),
+          ("bonus_granted", "video groups with p >= mu * p~\n(the bonus is paid by T-GRPO only)"),
+          ("p_gap", "p - p~ (ordered minus shuffled correct)")]
+SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
+ROWS = [("temporal", "ordered"), ("temporal", "shuffled"), ("temporal", "gap"), ("control", "ordered"), ("control", "gap")]
+
+
+def curve(path, key):
+    rows = [json.loads(line) for line in open(path)]
+    values = np.array([r["p"] - r["p_shuffled"] if key == "p_gap" else r[key] for r in rows], dtype=float)
+    window = np.ones(SMOOTH)  # NaN (a step without a video prompt) is left out of its window's mean
+    return np.convolve(np.nan_to_num(values), window, "valid") / np.convolve(~np.isnan(values), window, "valid")
+
+
+def plot(root):
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+    for method, label in METHODS.items():
+        paths = sorted(glob.glob(os.path.join(root, f"{method}_seed*", "metrics.jsonl")))
+        for ax, (key, title) in zip(axes, CURVES):
+            runs = [curve(p, key) for p in paths]
+            n = min(len(r) for r in runs)
+            runs = np.array([r[:n] for r in runs])
+            steps = np.arange(n) + SMOOTH
+            ax.plot(steps, runs.mean(0), label=f"{label}, {len(paths)} seeds")
+            ax.fill_between(steps, runs.mean(0) - runs.std(0), runs.mean(0) + runs.std(0), alpha=0.2)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(f"step ({SMOOTH}-step moving average)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "curves.png"), dpi=110)
+
+
+def table(root):
+    header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
+    lines = [header, "|---" * (len(ROWS) + 1) + "|"]
+    for method, label in [("sft", "SFT (start)"), *METHODS.items()]:
+        pattern = os.path.join(root, "sft" if method == "sft" else f"{method}_seed*", "eval", "summary.json")
+        groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in sorted(glob.glob(pattern))]
+        cells = []
+        for family, metric in ROWS:
+            values = 100 * np.array([g[family][metric] for g in groups])
+            cells.append(f"{values.mean():+.1f} ± {values.std():.1f}" if metric == "gap" else f"{values.mean():.1f} ± {values.std():.1f}")
+        lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    root = sys.argv[1] if len(sys.argv) > 1 else "out/compare"
+    plot(root)
+    print(table(root))
+    print(f"curves: {os.path.join(root, 'curves.png')}")
