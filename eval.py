@@ -39,6 +39,7 @@ top_p = 1.0
 max_new_tokens = 256                 # paper scale: 1024, as the official eval
 batch_size = 8                       # prompts (ordered and shuffled) per generate call
 seed = 0                             # the shuffled frame order of each record, and sampling when temperature > 0
+attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
 shuffled = False                     # also answer each video question on its frames shuffled (temporal reliance)
 # -----------------------------------------------------------------------------
 config = M.configure({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))},
@@ -233,7 +234,7 @@ if __name__ == "__main__":
              for record in D.load_records(path, media_root or None)[0]
              for twin in ((False, True) if shuffled and record["data_type"] == "video" else (False,))]
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
-    net, tokenizer = M.load_model(checkpoint, device)  # before run.json is written: a wrong path must not stick
+    net, tokenizer = M.load_model(checkpoint, device, attn=attn)  # before run.json is written: a wrong path must not stick
     net.eval()
     settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
     check_settings(settings)

@@ -349,10 +349,10 @@ def gathered_for_generation(model):
     return contextlib.nullcontext()
 
 
-def frozen_reference(path, device, deepspeed_config=""):
+def frozen_reference(path, device, deepspeed_config="", attn="sdpa"):
     """The KL reference: a frozen copy of the starting policy (bf16 on GPU). Under ZeRO-3 it is partitioned like
     the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 a replica per GPU is small enough."""
-    ref, _ = load_model(path, device)
+    ref, _ = load_model(path, device, attn=attn)
     ref.requires_grad_(False).eval()
     if deepspeed_config:
         with open(deepspeed_config) as f:

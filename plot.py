@@ -2,8 +2,8 @@
 
     python plot.py out/compare      # reads {tgrpo,grpo}_seed*/metrics.jsonl and */eval/summary.json
 
-Writes out/compare/curves.png (mean reward, share of video groups with p >= mu * p~, and p - p~ over steps; the
-band is +-1 std over seeds) and prints a markdown table of eval accuracy (mean +- std over seeds)."""
+Writes out/compare/curves.png (accuracy, total reward, share of video groups with p >= mu * p~, and p - p~ over
+steps; the band is +-1 std over seeds) and prints a markdown table of eval accuracy (mean +- std over seeds)."""
 import glob
 import json
 import os
@@ -14,7 +14,8 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt
 
 METHODS = {"tgrpo": "T-GRPO", "grpo": "GRPO (temporal=False)"}
-CURVES = [("reward", "mean reward (ordered rollouts)"),
+CURVES = [("accuracy", "accuracy reward (ordered rollouts)"),
+          ("reward", "total reward (T-GRPO's includes the bonus)"),
           ("bonus_granted", "video groups with p >= mu * p~\n(the bonus is paid by T-GRPO only)"),
           ("p_gap", "p - p~ (ordered minus shuffled correct)")]
 SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
@@ -29,7 +30,8 @@ def curve(path, key):
 
 
 def plot(root):
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    axes = axes.flatten()
     for method, label in METHODS.items():
         paths = sorted(glob.glob(os.path.join(root, f"{method}_seed*", "metrics.jsonl")))
         for ax, (key, title) in zip(axes, CURVES):

@@ -47,6 +47,7 @@ ckpt_interval = 500                  # checkpoint every N steps (and at the end)
 log_interval = 50
 resume = False                       # continue bit-exactly from out_dir/latest
 run_steps = 0                        # stop this process after N steps (0: run to max_steps); resume continues
+attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
 grad_ckpt = False                    # gradient checkpointing (paper scale)
 deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) to use ZeRO; "" = plain torch
 # -----------------------------------------------------------------------------
@@ -116,7 +117,7 @@ if __name__ == "__main__":
     ckpt = M.latest_checkpoint(out_dir) if resume else None
     on_gpu = torch.device(device).type == "cuda"
     # fp32 master weights: DeepSpeed keeps them itself under bf16; plain torch trains fp32 under bf16 autocast
-    net, tokenizer = M.load_model(ckpt or model_path, device, grad_ckpt,
+    net, tokenizer = M.load_model(ckpt or model_path, device, grad_ckpt, attn,
                                   dtype=torch.bfloat16 if (on_gpu and deepspeed) else torch.float32)
     opt = M.Optimizer(net, lr, weight_decay, grad_clip, deepspeed_config=deepspeed)
     start = M.load_training_state(ckpt, opt)["step"] if ckpt else 0

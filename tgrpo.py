@@ -81,6 +81,7 @@ sample_interval = 10                 # print and save a few episodes every N ste
 ckpt_interval = 60
 resume = False
 run_steps = 0                        # stop this process after N steps (0: to max_steps)
+attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
 grad_ckpt = False
 deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
@@ -203,9 +204,9 @@ if __name__ == "__main__":
     ckpt = M.latest_checkpoint(out_dir) if resume else None
     start_path = ckpt or M.latest_checkpoint(init_from) or init_from
     on_gpu = torch.device(device).type == "cuda"
-    policy, tokenizer = M.load_model(start_path, device, grad_ckpt, dtype=torch.bfloat16 if (on_gpu and deepspeed) else torch.float32)
+    policy, tokenizer = M.load_model(start_path, device, grad_ckpt, attn, dtype=torch.bfloat16 if (on_gpu and deepspeed) else torch.float32)
     opt = M.Optimizer(policy, lr, weight_decay, grad_clip, deepspeed_config=deepspeed)
-    ref = M.frozen_reference(M.latest_checkpoint(init_from) or init_from, device, deepspeed) if beta else None
+    ref = M.frozen_reference(M.latest_checkpoint(init_from) or init_from, device, deepspeed, attn) if beta else None
     start = M.load_training_state(ckpt, opt)["step"] if ckpt else 0
     M.print0(f"T-GRPO from {start_path}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} rule={temporal_rule}, "
              f"G={num_generations} G~={num_shuffled}, start at step {start}")
