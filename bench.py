@@ -86,6 +86,7 @@ if __name__ == "__main__":
     shuffled = [b for b, c in enumerate(row_clip) if c % 2 == 1]
     rows = len(row_clip)
     sample = dict(temperature=1.0, top_p=1.0)
+    vision_pads = tok.convert_tokens_to_ids([data.VIDEO_PAD, data.IMAGE_PAD])
     print(f"{model_path} on {device}: {prompts} prompts x ({num_generations} + {num_shuffled}) rows, {frames} frames of "
           f"{size}x{size} ({clips[0].num_tokens} vision tokens per clip), {new_tokens} new tokens per row")
 
@@ -93,8 +94,9 @@ if __name__ == "__main__":
         return M.generate(net, b, new_tokens, [], tok.pad_token_id, generator=torch.Generator(device).manual_seed(0), **sample)
 
     def hf_generate(b=batch):
+        # an untrained model may sample a <|video_pad|>, which transformers would then count as a media token
         out = net.generate(**hf_inputs(b), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                           pad_token_id=tok.pad_token_id, **sample)
+                           pad_token_id=tok.pad_token_id, suppress_tokens=vision_pads, **sample)
         return out[:, b.input_ids.shape[1]:]
 
     with torch.no_grad():

@@ -396,7 +396,8 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
     barrier()
     if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
         optimizer.engine.save_checkpoint(tmp, tag="deepspeed")
-        state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if optimizer.engine.zero_optimization_stage() == 3 else None
+        zero3 = optimizer.engine.zero_optimization_stage() == 3
+        state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks take part
     else:
         state_dict = None
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{RANK}.pt"))
@@ -407,7 +408,13 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
             torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "run.json"), "w") as f:
             json.dump({"step": step, "config": config, **(extra or {})}, f, indent=1)
+    barrier()  # every rank's files are in place before the folder is renamed
+    if RANK == 0:
+        if os.path.exists(final):  # a rerun of the same step: the old one stays whole until the new one is in place
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
         os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
         with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
