@@ -29,10 +29,17 @@ def curve(path, key):
     return np.convolve(np.nan_to_num(values), window, "valid") / np.convolve(~np.isnan(values), window, "valid")
 
 
+def methods(root):
+    """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as tgrpo_mu1.5."""
+    names = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(root, "*_seed*")) if os.path.isdir(p)}
+    order = lambda n: (list(METHODS).index(n) if n in METHODS else len(METHODS), n)
+    return {name: METHODS.get(name, name) for name in sorted(names, key=order)}
+
+
 def plot(root):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     axes = axes.flatten()
-    for method, label in METHODS.items():
+    for method, label in methods(root).items():
         paths = sorted(glob.glob(os.path.join(root, f"{method}_seed*", "metrics.jsonl")))
         for ax, (key, title) in zip(axes, CURVES):
             runs = [curve(p, key) for p in paths]
@@ -51,7 +58,7 @@ def plot(root):
 def table(root):
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
-    for method, label in [("sft", "SFT (start)"), *METHODS.items()]:
+    for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
         pattern = os.path.join(root, "sft" if method == "sft" else f"{method}_seed*", "eval", "summary.json")
         groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in sorted(glob.glob(pattern))]
         cells = []
