@@ -105,14 +105,9 @@ if __name__ == "__main__":
     print(f"rollout  ours {tokens / t_ours:9.1f} tok/s   model.generate {tokens / t_hf:9.1f} tok/s   "
           f"speed ratio ours/generate {t_hf / t_ours:.2f}x (goal >= 1.0x)")
 
-    def subset(index):
-        i = torch.tensor(index, device=device)
-        return M.PromptBatch(batch.input_ids[i], batch.attention_mask[i], batch.mm_types[i], batch.position_ids[:, i],
-                             batch.next_pos[i], batch.clips, [batch.row_clip[b] for b in index])
-
     def step_ours():
         ids, mask = ours_generate()
-        sub, sub_ids, sub_mask = subset(ordered), ids[ordered], mask[ordered]
+        sub, sub_ids, sub_mask = batch.select(ordered), ids[ordered], mask[ordered]
         with torch.no_grad():
             ref_logp = M.completion_logprobs(ref, sub, sub_ids, sub_mask)
         loss_and_backward(M.completion_logprobs(net, sub, sub_ids, sub_mask), ref_logp, sub_mask)
@@ -120,9 +115,9 @@ if __name__ == "__main__":
 
     def step_official():
         with torch.no_grad():
-            sub = subset(ordered)
+            sub = batch.select(ordered)
             ids = hf_generate(sub)
-            hf_generate(subset(shuffled))  # the second generate call, for p~
+            hf_generate(batch.select(shuffled))  # the second generate call, for p~
             mask = torch.ones_like(ids)
             ref_logp = hf_logprobs(ref, sub, ids, mask)
         loss_and_backward(hf_logprobs(net, sub, ids, mask), ref_logp, mask)

@@ -124,6 +124,12 @@ class PromptBatch:
     clips: list
     row_clip: list
 
+    def select(self, rows):
+        """The given rows only; they keep pointing at the same clips."""
+        index = torch.tensor(rows, device=self.input_ids.device)
+        return PromptBatch(self.input_ids[index], self.attention_mask[index], self.mm_types[index],
+                           self.position_ids[:, index], self.next_pos[index], self.clips, [self.row_clip[b] for b in rows])
+
 
 def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device="cpu"):
     """encoded[b] = (ids, mm_types) of row b, as data.encode_prompt returns them."""
@@ -288,6 +294,16 @@ def finish():
         os._exit(0)
 
 
+def read_deepspeed_config(path):
+    """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per step (the scripts
+    accumulate by hand) and bf16 exactly when on GPU."""
+    with open(path) as f:
+        ds = json.load(f)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
+    return ds
+
+
 class Optimizer:
     """AdamW behind one interface for 1 process, N processes (gradients averaged by hand) and DeepSpeed ZeRO
     (from a json config; a torch optimizer as its client optimizer, so no C++ ops are built)."""
@@ -299,10 +315,7 @@ class Optimizer:
         self.model = model
         if deepspeed_config:
             import deepspeed
-            with open(deepspeed_config) as f:
-                ds = json.load(f)
-            ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=grad_clip)
-            ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
+            ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip}
             self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds)
             self.model = self.engine
 
@@ -355,12 +368,9 @@ def frozen_reference(path, device, deepspeed_config="", attn="sdpa"):
     ref, _ = load_model(path, device, attn=attn)
     ref.requires_grad_(False).eval()
     if deepspeed_config:
-        with open(deepspeed_config) as f:
-            ds = json.load(f)
+        ds = read_deepspeed_config(deepspeed_config)
         if ds.get("zero_optimization", {}).get("stage") == 3:
             import deepspeed
-            ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-            ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
             ref = deepspeed.initialize(model=ref, config=ds)[0]
     return ref
 

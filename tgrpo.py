@@ -166,10 +166,7 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
 def ordered_batch(batch, rows, ids, mask):
     """The ordered rows only (the loss never sees shuffled ones), their prompts sharing clips as before."""
     keep = [b for b, (_, is_shuffled) in enumerate(rows) if not is_shuffled]
-    index = torch.tensor(keep, device=ids.device)
-    sub = M.PromptBatch(batch.input_ids[index], batch.attention_mask[index], batch.mm_types[index],
-                        batch.position_ids[:, index], batch.next_pos[index], batch.clips, [batch.row_clip[b] for b in keep])
-    return sub, ids[index], mask[index], keep
+    return batch.select(keep), ids[keep], mask[keep], keep
 
 
 def train_step(opt, ref, batch, ids, mask, advantages, lr_now):
