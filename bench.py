@@ -13,21 +13,19 @@ import sys
 import time
 import numpy as np
 import torch
+import common as C
 import data
 import model as M
 
 model_path = "out/tiny-qwen2.5-vl"  # any Qwen2.5-VL folder
 prompts = 2                         # video prompts per step
 num_generations = 8                 # G ordered rows per prompt
-num_shuffled = 4                    # G~ shuffled rows per prompt
+num_contrast = 4                    # G~ contrast rows per prompt
 frames = 16                         # frames per clip
 size = 112                          # clip side in pixels (multiple of 28)
 new_tokens = 32                     # generated per row, no early stop
 repeats = 3                         # timings are the best of this many
-config = M.configure(dict(model_path=model_path, prompts=prompts, num_generations=num_generations,
-                          num_shuffled=num_shuffled, frames=frames, size=size, new_tokens=new_tokens, repeats=repeats),
-                     sys.argv[1:])
-globals().update(config)
+C.configure(globals(), sys.argv[1:])
 
 
 def best_time(fn):
@@ -78,7 +76,7 @@ if __name__ == "__main__":
         frames_np = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
         clips += [data.make_clip(frames_np, 2.0), data.make_clip(data.contrast_frames(frames_np, rng), 2.0)]
         prompt = data.encode_prompt(tok, record, clips[-1])
-        for clip_index, n in ((len(clips) - 2, num_generations), (len(clips) - 1, num_shuffled)):
+        for clip_index, n in ((len(clips) - 2, num_generations), (len(clips) - 1, num_contrast)):
             encoded += [prompt] * n
             row_clip += [clip_index] * n
     batch = M.collate_prompts(encoded, clips, row_clip, tok.pad_token_id, tps, device)
@@ -87,7 +85,7 @@ if __name__ == "__main__":
     rows = len(row_clip)
     sample = dict(temperature=1.0, top_p=1.0)
     vision_pads = tok.convert_tokens_to_ids([data.VIDEO_PAD, data.IMAGE_PAD])
-    print(f"{model_path} on {device}: {prompts} prompts x ({num_generations} + {num_shuffled}) rows, {frames} frames of "
+    print(f"{model_path} on {device}: {prompts} prompts x ({num_generations} + {num_contrast}) rows, {frames} frames of "
           f"{size}x{size} ({clips[0].num_tokens} vision tokens per clip), {new_tokens} new tokens per row")
 
     def ours_generate(b=batch):

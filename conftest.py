@@ -2,6 +2,7 @@
 import pytest
 import torch
 import model
+import synthetic
 
 CORPUS = ["<think>In the first frames the red square is at the left. So it moves right.</think>\n<answer>B</answer>",
           "What colour is the square? Options:\nA. red\nB. green\nC. blue\nD. yellow\n",
@@ -11,14 +12,14 @@ CORPUS = ["<think>In the first frames the red square is at the left. So it moves
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return model.build_tokenizer(CORPUS * 4)
+    return synthetic.build_tokenizer(CORPUS * 4)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The tiny Qwen2.5-VL, written with save_pretrained and loaded back through the checkpoint path."""
     path = str(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
-    model.ensure_tiny_model(path, CORPUS * 4)
+    synthetic.ensure_tiny_model(path, CORPUS * 4)
     net, tok = model.load_model(path, "cpu")
     return net.eval(), tok, path
 
@@ -49,5 +50,5 @@ def toy(tmp_path_factory):
     paths = synthetic.generate(str(root / "synthetic"), seed=0, n_sft=48, n_rl=24, n_eval=30)
     records, _ = data.load_records(paths["sft"])
     model_path = str(root / "tiny")
-    model.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
+    synthetic.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
     return str(root / "synthetic"), model_path

@@ -39,7 +39,9 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT = 200     # Qwen's limit: thinner images cannot be resized to multiples of 28 sensibly
 MIN_PIXELS = 4 * FACTOR * FACTOR      # = 56*56, transformers' default
 MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize itself
-TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # SPEC: training frames have at most 128*28*28 pixels
+TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # the paper's training frames have at most 128*28*28 pixels
+FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")  # config keys of read_media
+CONTRASTS = ("shuffle", "reverse")  # how contrast_frames breaks the order
 
 REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"  # one per merged patch in the prompt
@@ -182,8 +184,8 @@ def contrast_frames(frames, rng: np.random.Generator, mode="shuffle") -> np.ndar
     """The frames out of order, for T-GRPO's contrast rollouts: a random non-identity permutation or reversed."""
     if mode == "reverse":
         return frames[::-1].copy()  # a copy: torch cannot wrap numpy's negative strides
-    if mode != "shuffle":
-        raise ValueError(f"unknown contrast mode {mode!r}; expected 'shuffle' or 'reverse'")
+    if mode not in CONTRASTS:
+        raise ValueError(f"unknown contrast mode {mode!r}; expected one of {CONTRASTS}")
     n = len(frames)
     if n < 2:
         raise ValueError(f"cannot shuffle {n} frame(s): any order of them is the original order")
@@ -253,10 +255,15 @@ def encode_prompt(tokenizer, record, clip) -> tuple[list[int], list[int]]:
 
 
 def sft_target(record) -> str:
-    """The SFT completion: the chain of thought, then the answer (SPEC)."""
+    """The SFT completion: the chain of thought, then the answer (DETAILS.md, "The prompt")."""
     if "process" not in record:
         raise DataError(f"record {record.get('index', '?')} ({record['path']}): 'process' missing for the SFT target")
     return record["process"] + "\n" + record["solution"]
+
+
+def frame_limits(config) -> dict:
+    """The frame sampling and pixel limits of a script's config, as read_media takes them."""
+    return {key: config[key] for key in FRAME_LIMITS}
 
 
 def epoch_slice(records, first, count, seed):

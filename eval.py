@@ -1,5 +1,5 @@
 """Evaluate a checkpoint on Video-R1-format eval JSONs (the paper's six benchmarks come in that format); by default on
-the synthetic task's eval set. Metrics (SPEC): accuracy (reward == 1) for multiple choice and numerical, mean relative
+the synthetic task's eval set. Metrics (DETAILS.md, "Eval metrics"): accuracy (reward == 1) for multiple choice and numerical, mean relative
 accuracy for regression, the reward (1 - WER, ROUGE) for OCR and free-form. --shuffled=True also answers each video
 question on its frames shuffled: a model that uses frame order scores lower there (the gap).
 
@@ -16,10 +16,11 @@ import json
 import math
 import os
 import sys
-import time
 from decimal import Decimal, InvalidOperation
 import numpy as np
 import torch
+from tqdm import tqdm
+import common as C
 import data as D
 import model as M
 import rewards
@@ -29,11 +30,11 @@ model_path = "out/tgrpo"             # an HF folder, or a run folder whose `late
 data = "out/synthetic/eval.json"     # comma-separated eval JSONs; each file's stem names its benchmark
 media_root = ""                      # "" -> each JSON's folder; record paths are relative to it
 out_dir = "out/eval"                 # results.rank{R}.jsonl (resumable), run.json, summary.json, table.md
-fps = 2.0                            # inference frame sampling (SPEC), kept apart from training's settings
+fps = 2.0                            # inference frame sampling, kept apart from training's settings
 min_frames = 4
 max_frames = 16                      # the paper reports 16, 32 and 64
 min_pixels = 4 * 28 * 28
-max_pixels = 256 * 28 * 28           # SPEC inference: 256*28*28 pixels per frame (training: 128*28*28)
+max_pixels = 256 * 28 * 28           # the paper's inference: 256*28*28 pixels per frame (training: 128*28*28)
 temperature = 0.0                    # 0: greedy; the paper's 0.01 / top-p 0.001 is greedy in effect; official eval 0.1
 top_p = 1.0
 max_new_tokens = 256                 # paper scale: 1024, as the official eval
@@ -42,10 +43,8 @@ seed = 0                             # the shuffled frame order of each record, 
 attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
 shuffled = False                     # also answer each video question on its frames shuffled (temporal reliance)
 # -----------------------------------------------------------------------------
-config = M.configure({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))},
-                     sys.argv[1:] if __name__ == "__main__" else [])
-globals().update(config)
-LIMITS = dict(fps=fps, min_frames=min_frames, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
+config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [])
+LIMITS = D.frame_limits(config)
 GROUP_FIELDS = ("data_source", "category", "family", "temporal")  # record fields the table breaks a benchmark down by
 
 
@@ -75,7 +74,7 @@ def mean_relative_accuracy(pred, gt):
 
 
 def score(response, record):
-    """SPEC's eval metric of one response, in [0, 1]."""
+    """The eval metric of one response, in [0, 1] (DETAILS.md, "Eval metrics")."""
     kind = record["problem_type"]
     if kind == "regression":
         return mean_relative_accuracy(rewards.extract_answer(response), rewards.extract_answer(record["solution"]))
@@ -94,7 +93,7 @@ def new_result(k, record):
             "response": None, "answer": None, "score": 0.0, "failed": None}
 
 
-def run_batch(net, tokenizer, items, generator, device):
+def run_batch(model, tokenizer, items, generator, device):
     """Answer items [(k, record)], one result each. Media are loaded per record before batching, so a bad clip fails
     only its own samples; a generate that runs out of memory fails the batch's samples, each with the reason."""
     results, loaded, prompts, clips, answered = {k: new_result(k, record) for k, record in items}, {}, [], [], []
@@ -113,10 +112,10 @@ def run_batch(net, tokenizer, items, generator, device):
         clips.append(shuffled_clip if k[2] else clip)
         answered.append((k, record))
     if answered:
-        tokens_per_second = M.unwrap(net).config.vision_config.tokens_per_second
+        tokens_per_second = M.unwrap(model).config.vision_config.tokens_per_second
         batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tokens_per_second, device)
         try:
-            ids, mask = M.generate(net, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
+            ids, mask = M.generate(model, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                                    temperature, top_p, generator)
         except RuntimeError as err:  # CUDA's torch.OutOfMemoryError, or the CPU allocator's RuntimeError; others rise
             if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
@@ -162,10 +161,10 @@ def write_atomic(path, text):
 def check_settings(settings):
     """Resume only a run of the same settings, so answers of another checkpoint or frame count never mix in."""
     path = os.path.join(out_dir, "run.json")
-    if M.RANK == 0 and not os.path.exists(path):
+    if C.RANK == 0 and not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(path, json.dumps(settings, indent=1))
-    M.barrier()
+    C.barrier()
     with open(path) as f:
         stored = json.load(f)
     if stored != settings:
@@ -223,8 +222,8 @@ def table(summary):
 
 
 if __name__ == "__main__":
-    device = M.setup_distributed()
-    checkpoint = M.latest_checkpoint(model_path) or model_path
+    device = C.setup_distributed()
+    checkpoint = C.latest_checkpoint(model_path) or model_path
     paths = {os.path.splitext(os.path.basename(path))[0]: path for path in data.split(",")}
     if len(paths) < len(data.split(",")):
         raise ValueError(f"two eval JSONs share a file name, which names the benchmark: {data}")
@@ -234,31 +233,29 @@ if __name__ == "__main__":
              for record in D.load_records(path, media_root or None)[0]
              for twin in ((False, True) if shuffled and record["data_type"] == "video" else (False,))]
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
-    net, tokenizer = M.load_model(checkpoint, device, attn=attn)  # before run.json is written: a wrong path must not stick
-    net.eval()
+    model, tokenizer = M.load_model(checkpoint, device, attn=attn)  # before run.json: a wrong path must not stick
+    model.eval()
     settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
     check_settings(settings)
-    own = os.path.join(out_dir, f"results.rank{M.RANK}.jsonl")
+    own = os.path.join(out_dir, f"results.rank{C.RANK}.jsonl")
     if os.path.exists(own):
         read_results(own, repair=True)
     done = {key(r) for r in all_results()}
-    M.print0(f"eval {checkpoint}: {len(items)} samples in {len(batches)} batches on {M.WORLD} rank(s), {len(done)} done before")
+    todo = [j for j in range(C.RANK, len(batches), C.WORLD) if not all(k in done for k, _ in batches[j])]
+    C.print0(f"eval {checkpoint}: {len(items)} samples in {len(batches)} batches on {C.WORLD} rank(s), "
+             f"{len(done)} done before")
     with open(own, "a") as log:
-        for j in range(M.RANK, len(batches), M.WORLD):
-            if all(k in done for k, _ in batches[j]):
-                continue
-            t0 = time.time()
-            generator = torch.Generator(device).manual_seed(int(np.random.default_rng([seed, j]).integers(2**62)))
-            results = run_batch(net, tokenizer, batches[j], generator, device)  # whole, as in an uninterrupted run
-            log.write("".join(json.dumps(r) + "\n" for r in results if key(r) not in done))
+        for j in tqdm(todo, desc="eval batches (rank 0)", disable=C.RANK != 0, mininterval=10):
+            seed_j = int(np.random.default_rng([seed, j]).integers(2**C.SEED_BITS))
+            results = run_batch(model, tokenizer, batches[j], torch.Generator(device).manual_seed(seed_j), device)
+            log.write("".join(json.dumps(r) + "\n" for r in results if key(r) not in done))  # whole batches only
             log.flush()
             os.fsync(log.fileno())
-            M.print0(f"batch {j + 1}/{len(batches)}: {time.time() - t0:.1f} s")
-    M.barrier()
-    if M.RANK == 0:
+    C.barrier()
+    if C.RANK == 0:
         merged = {key(r): r for r in all_results()}
         summary = summarize([merged[k] for k, _ in items], paths, settings)  # a KeyError names a lost sample
         write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
         write_atomic(os.path.join(out_dir, "table.md"), table(summary))
         print(table(summary), flush=True)
-    M.finish()
+    C.finish()

@@ -24,7 +24,7 @@ ROWS = [("temporal", "ordered"), ("temporal", "shuffled"), ("temporal", "gap"), 
 
 def curve(path, key):
     rows = [json.loads(line) for line in open(path)]
-    values = np.array([r["p"] - r["p_shuffled"] if key == "p_gap" else r[key] for r in rows], dtype=float)
+    values = np.array([r["p"] - r["p_contrast"] if key == "p_gap" else r[key] for r in rows], dtype=float)
     window = np.ones(SMOOTH)  # NaN (a step without a video prompt) is left out of its window's mean
     return np.convolve(np.nan_to_num(values), window, "valid") / np.convolve(~np.isnan(values), window, "valid")
 

@@ -27,7 +27,9 @@ import time
 
 import av
 import numpy as np
+import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 # few colours, far apart in RGB and in chroma, so they stay apart after H.264's 4:2:0 subsampling
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 255), "yellow": (240, 220, 40)}
@@ -45,6 +47,9 @@ MOTION = {"left": ("at the right", "at the left", "right to left"),
           "up": ("at the bottom", "at the top", "bottom to top"),
           "down": ("at the top", "at the bottom", "top to bottom")}
 SPLITS = ("sft", "rl", "eval")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TINY_VOCAB = 512  # the synthetic task's text needs few merges; a small vocab keeps the tiny model at ~0.7 M params
 
 
 def paint(W, objs):
@@ -224,6 +229,50 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=240, frames=8, size=56
             json.dump(make_split(out_dir, split, n, seed, first_id, frames, size, fps), fh, indent=1)
         first_id += n
     return paths
+
+
+# ----------------------------------------------------------------------------- the tiny model the default run trains
+
+def build_tokenizer(texts, vocab_size=TINY_VOCAB):
+    """A byte-level BPE tokenizer trained on `texts`, carrying Qwen's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+def tiny_config(tokenizer):
+    """A Qwen2.5-VL of the released architecture, only small: 2 text layers of width 128, a 2-block vision tower."""
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    # tokens_per_second 2 as in the 7B checkpoint, so temporal spacing behaves as at paper scale
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                  fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def ensure_tiny_model(path, texts, seed=0):
+    """Write the tiny model + tokenizer to `path` once, so every script loads it like a real checkpoint folder."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+    tmp = path.rstrip("/") + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 import data
+import common as C
 import model as M
 import sft
 
@@ -50,7 +51,7 @@ def run_sft(toy, out_dir, *args):
 def test_resume_is_bit_exact(toy, tmp_path):
     run_sft(toy, tmp_path / "straight")
     run_sft(toy, tmp_path / "split", "--run_steps=2")
-    assert M.latest_checkpoint(str(tmp_path / "split")).endswith("step_000002")
+    assert C.latest_checkpoint(str(tmp_path / "split")).endswith("step_000002")
     run_sft(toy, tmp_path / "split", "--resume=True")
     a = load_file(tmp_path / "straight" / "step_000004" / "model.safetensors")
     b = load_file(tmp_path / "split" / "step_000004" / "model.safetensors")
@@ -67,12 +68,12 @@ def test_resume_is_bit_exact(toy, tmp_path):
 
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     config = {"lr": 1e-3, "name": "x", "temporal": True, "steps": 4}
-    assert M.configure(dict(config), ["--lr=1", "--name=run", "--temporal=False"]) == {"lr": 1.0, "name": "run", "temporal": False, "steps": 4}
+    assert C.configure(dict(config), ["--lr=1", "--name=run", "--temporal=False"]) == {"lr": 1.0, "name": "run", "temporal": False, "steps": 4}
     (tmp_path / "c.py").write_text("steps = 8\nlr = 2e-5\n")
-    assert M.configure(dict(config), [str(tmp_path / "c.py"), "--steps=9"])["steps"] == 9
+    assert C.configure(dict(config), [str(tmp_path / "c.py"), "--steps=9"])["steps"] == 9
     for bad, err in [("--lr_rate=1", ValueError), ("--steps=1.5", TypeError), ("--temporal=1", TypeError), ("--lr", ValueError)]:
         try:
-            M.configure(dict(config), [bad])
+            C.configure(dict(config), [bad])
         except err as e:
             assert bad.split("=")[0][2:] in str(e) or "expected" in str(e)
         else:

@@ -113,7 +113,7 @@ def test_mixed_batch_rows_and_clips(toy, monkeypatch):
     monkeypatch.setattr(tgrpo, "max_new_tokens", 4)
     net, tok, records = load_examples(toy, ["video", "image"], 2)
     examples, rows, batch, ids, mask, _ = tgrpo.rollout(net, records, tok, 0, "cpu")
-    G, Gs = tgrpo.num_generations, tgrpo.num_shuffled
+    G, Gs = tgrpo.num_generations, tgrpo.num_contrast
     assert len(rows) == 4 * G + 2 * Gs and sum(s for _, s in rows) == 2 * Gs
     assert len(batch.clips) == 2 * 2 + 2  # videos: ordered + shuffled clip each; images: one
     _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
@@ -126,7 +126,7 @@ def test_zero_variance_groups_give_zero_advantages_and_finite_loss(toy):
     net, tok, records = load_examples(toy, ["video"], 1)
     record = records[0]
     answer = record["process"] + record["solution"]
-    G, Gs = tgrpo.num_generations, tgrpo.num_shuffled
+    G, Gs = tgrpo.num_generations, tgrpo.num_contrast
     examples = [(record, None, None, object())]
     rows = [(0, False)] * G + [(0, True)] * Gs
     for texts in ([answer] * (G + Gs), ["nothing"] * (G + Gs)):   # all correct, then all wrong
@@ -145,7 +145,7 @@ def test_ordered_rows_beating_shuffled_earn_the_bonus(toy):
     right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
     examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
     rewards_, advantages, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
-    assert stats["p"] == [0.75] and stats["p_shuffled"] == [0.0] and stats["bonus_granted"] == [1.0]
+    assert stats["p"] == [0.75] and stats["p_contrast"] == [0.0] and stats["bonus_granted"] == [1.0]
     assert rewards_[:4].tolist() == pytest.approx([2.3, 2.3, 2.3, 1.0])
     rewards_, _, stats = tgrpo.score(examples, rows, [right, wrong, wrong, wrong, right, right], [5] * 6)
     assert stats["bonus_granted"] == [0.0] and rewards_[0] == pytest.approx(2.0)  # p = 0.25 < p~ = 1
@@ -158,9 +158,9 @@ def test_plain_grpo_measures_p_but_pays_no_bonus(toy, monkeypatch):
     right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
     examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
     rewards_, _, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
-    assert stats["p"] == [0.75] and stats["p_shuffled"] == [0.0] and stats["bonus_granted"] == [1.0]
+    assert stats["p"] == [0.75] and stats["p_contrast"] == [0.0] and stats["bonus_granted"] == [1.0]
     assert rewards_[:4].tolist() == pytest.approx([2.0, 2.0, 2.0, 1.0]) and set(stats["temporal_bonus"]) == {0.0}
-    monkeypatch.setattr(tgrpo, "num_shuffled", 0)
+    monkeypatch.setattr(tgrpo, "num_contrast", 0)
     monkeypatch.setattr(tgrpo, "max_new_tokens", 2)
     examples, rows, batch, *_ = tgrpo.rollout(net, records, tok, 0, "cpu")
     assert not any(s for _, s in rows) and len(batch.clips) == 1  # no contrast clip is even built
@@ -170,7 +170,7 @@ def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None):
     data_dir, model_path = toy
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, "tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
-           "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_shuffled=2", "--max_new_tokens=6",
+           "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_contrast=2", "--max_new_tokens=6",
            "--lr=1e-3", "--ckpt_interval=100", *args] + ([f"--train_json={rl_json}"] if rl_json else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
@@ -207,7 +207,7 @@ def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
 
 @pytest.mark.parametrize("zero", ["configs/ds_zero2.json", "configs/ds_zero3.json"])
 def test_two_process_deepspeed_runs_stay_in_sync(toy, tmp_path, zero):
-    """2 ranks under gloo; model.save_checkpoint raises if the ranks' weights differ."""
+    """2 ranks under gloo; common.save_checkpoint raises if the ranks' weights differ."""
     metrics = run_tgrpo(toy, tmp_path, f"--deepspeed={zero}", "--max_steps=2", nproc=2)
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
     trained = load_file(tmp_path / "step_000002" / "model.safetensors")

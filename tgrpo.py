@@ -14,16 +14,19 @@ One step, per prompt q of the batch (images and videos mixed):
   R_i  = r_i + r_t if o_i is correct else r_i                                                          (eq. 2)
   A_i  = (R_i - mean R) / (std R + eps) over the G ordered responses                                   (eq. 3)
   J    = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) - beta * KL_k3(pi || pi_ref) ]  (eq. 4)
-Shuffled responses only measure p~; they never enter the loss.
+Contrast (shuffled or reversed) responses only measure p~; they never enter the loss.
 
-Where this departs from the paper or the official code (SPEC.md's table; each a config value):
+Where this departs from the paper or the official code (DETAILS.md, "Paper vs official code"; each a config value):
+- Eq. 4 is implemented per token, as GRPO/TRL and the official code do: the ratio pi / pi_old of every completion
+  token is clipped on its own and the per-token terms are averaged (loss_norm). The paper writes one ratio per
+  sequence; per token keeps long responses from saturating the clip with a product of hundreds of ratios.
 - temporal_rule "paper" (p, p~ = share correct at correct_threshold, mu 1.0) by default; "official" uses mean raw
-  accuracy, mu 0.8 and "correct" = accuracy > 0.1.
+  accuracy (configs/tgrpo_official.py: mu 0.8 and "correct" = accuracy > 0.1).
 - num_iterations > 1 computes old-policy log-probs so the clip really acts; the official code does one update,
   where ratio == 1 and the clip is inert (our default, as there).
 - loss_norm "sequence" (mean over each response's tokens, then over responses, as the official code); "token"
   averages over all tokens of the batch.
-- KL's log-ratio is clamped to [-10, 10] as officially, so one extreme token cannot produce inf.
+- KL's log-ratio is clamped to +-KL_LOG_RATIO_CLAMP as officially, so one extreme token cannot produce inf.
 - Every sample uses its own problem_type; a per-device batch holds any number of prompts, images and videos mixed;
   the sampling fps reaches the temporal positions; a failing clip is skipped and counted (skip_bad), never silently
   replaced by another sample.
@@ -35,6 +38,7 @@ import sys
 import time
 import numpy as np
 import torch
+import common as C
 import data
 import model as M
 import rewards
@@ -48,21 +52,21 @@ out_dir = "out/tgrpo"
 seed = 0                             # all randomness of step s on rank r derives from (seed, s, r)
 max_steps = 120                      # ~2 min on 2 CPU cores for the default run
 batch_size = 4                       # prompts per device per step
-num_generations = 8                  # G: ordered rollouts per prompt (SPEC)
-num_shuffled = 4                     # G~: shuffled rollouts per video prompt (SPEC: G/2); 0: none
-temporal = True                      # False: plain GRPO, no temporal reward (the shuffled rollouts still measure p~)
+num_generations = 8                  # G: ordered rollouts per prompt (paper: 8)
+num_contrast = 4                     # G~: contrast rollouts per video prompt (paper: G/2); 0: none
+temporal = True                      # False: plain GRPO, no temporal reward (the contrast rollouts still measure p~)
 temporal_rule = "paper"              # "paper" or "official" (rewards.temporal_bonus)
 contrast = "shuffle"                 # how the contrast clip is built: "shuffle" or "reverse"
 alpha = 0.3                          # temporal reward (eq. 1)
-mu = None                            # p >= mu * p~; None: the rule's own (paper 1.0, official 0.8)
-correct_threshold = None             # accuracy that counts as correct; None: the rule's own (paper 0.5, official > 0.1)
-length_bonus = False                 # SPEC's +0.2 for correct responses of 320-512 tokens
+mu = 1.0                             # p >= mu * p~ (paper 1.0, official 0.8)
+correct_threshold = 0.5              # accuracy counted as correct, by both bonuses (paper >= 0.5, official > 0.1)
+length_bonus = False                 # the paper's +0.2 for correct responses of 320-512 tokens
 length_rule = "paper"                # "official": only when >= 2 responses of the group are correct
-beta = 0.04                          # KL weight (SPEC)
+beta = 0.04                          # KL weight (paper)
 epsilon = 0.2                        # PPO clip range
 num_iterations = 1                   # updates per rollout batch; > 1 makes the clip act
 loss_norm = "sequence"               # "sequence" (official) or "token"
-max_new_tokens = 64                  # SPEC at paper scale: 768
+max_new_tokens = 64                  # paper scale: 768
 temperature = 1.0                    # rollout sampling
 top_p = 1.0
 lr = 5e-5                            # paper scale: 1e-6
@@ -70,7 +74,7 @@ warmup_steps = 0
 min_lr_ratio = 1.0                   # 1.0: constant lr after warmup
 weight_decay = 0.01
 grad_clip = 5.0
-fps = 2.0                            # frame sampling and pixel limits (SPEC training values at paper scale)
+fps = 2.0                            # frame sampling and pixel limits (the paper's training values at paper scale)
 min_frames = 4
 max_frames = 16
 min_pixels = 4 * 28 * 28
@@ -85,64 +89,72 @@ attn = "sdpa"                        # attention kernel: "sdpa", or "flash_atten
 grad_ckpt = False
 deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
-config = M.configure({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))},
-                     sys.argv[1:] if __name__ == "__main__" else [])
-globals().update(config)
-LIMITS = dict(fps=fps, min_frames=min_frames, max_frames=max_frames, min_pixels=min_pixels, max_pixels=max_pixels)
+config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(
+    temporal_rule=tuple(rewards.RULES), length_rule=tuple(rewards.RULES), contrast=data.CONTRASTS,
+    loss_norm=("sequence", "token")))
+LIMITS = data.frame_limits(config)
+KL_LOG_RATIO_CLAMP = 10.0            # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
 
 
 def rollout(policy, records, tokenizer, step, device):
-    """Generate G ordered rollouts per prompt and G~ shuffled ones per video prompt, in one batched call.
-    Returns the examples kept, the rows (prompt index, shuffled?) and the completions."""
-    rng = np.random.default_rng([seed, step, M.RANK])
-    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad, rng if num_shuffled else None, contrast)
+    """Generate G ordered rollouts per prompt and G~ contrast ones per video prompt, in one batched call.
+    Returns the examples kept, the rows (prompt index, is_contrast), the prompt batch and the completions."""
+    rng = np.random.default_rng([seed, step, C.RANK])
+    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad, rng if num_contrast else None,
+                                           contrast)
     clips, encoded, row_clip, rows = [], [], [], []
-    for i, (record, prompt, clip, shuffled) in enumerate(examples):
-        for contrast_clip, n in ((clip, num_generations), (shuffled, num_shuffled if shuffled is not None else 0)):
-            if n:
-                clips.append(contrast_clip)
-            for _ in range(n):
-                encoded.append(prompt)
-                row_clip.append(len(clips) - 1)
-                rows.append((i, contrast_clip is shuffled))
+    for i, (_, prompt, clip, contrast_clip) in enumerate(examples):
+        for this_clip, n, is_contrast in ((clip, num_generations, False), (contrast_clip, num_contrast, True)):
+            if this_clip is None or n == 0:
+                continue
+            clips.append(this_clip)
+            encoded += [prompt] * n
+            row_clip += [len(clips) - 1] * n
+            rows += [(i, is_contrast)] * n
     if not examples:
         return examples, rows, None, None, None, skipped
     tps = M.unwrap(policy).config.vision_config.tokens_per_second
     batch = M.collate_prompts(encoded, clips, row_clip, tokenizer.pad_token_id, tps, device)
-    generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
-    with M.gathered_for_generation(policy):
+    generator = torch.Generator(device).manual_seed(int(rng.integers(2**C.SEED_BITS)))
+    with C.gathered_for_generation(policy):
         ids, mask = M.generate(policy, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                                temperature, top_p, generator)
     return examples, rows, batch, ids, mask, skipped
 
 
-STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_shuffled", "bonus_granted")
+STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_contrast", "bonus_granted")
 
 
 def score(examples, rows, texts, lengths):
     """Rewards of the ordered rollouts, one group per prompt, and the temporal statistics of video prompts."""
     stats = {name: [] for name in STATS}
     rewards_out, advantages = np.zeros(len(rows)), np.zeros(len(rows))
-    for i, (record, _, _, shuffled) in enumerate(examples):
-        group = [b for b, (j, is_shuffled) in enumerate(rows) if j == i and not is_shuffled]
-        acc = [rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"]) for b in group]
+    for i, (record, _, _, contrast_clip) in enumerate(examples):
+        accuracy = lambda kind: [rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"])
+                                 for b in rows_of(rows, i, kind)]
+        group, acc = rows_of(rows, i, False), accuracy(False)
         fmt = [rewards.format_reward(texts[b]) for b in group]
-        length = rewards.length_bonus(acc, [lengths[b] for b in group], length_rule) if length_bonus else [0.0] * len(group)
+        length = (rewards.length_bonus(acc, [lengths[b] for b in group], length_rule, threshold=correct_threshold)
+                  if length_bonus else [0.0] * len(group))
         bonus = [0.0] * len(group)
-        if shuffled is not None:  # a video with shuffled rollouts: the contrast decides the temporal reward
-            shuffled_rows = [b for b, (j, is_shuffled) in enumerate(rows) if j == i and is_shuffled]
-            shuffled_acc = [rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"]) for b in shuffled_rows]
-            bonus, p, p_shuffled, granted = rewards.temporal_bonus(acc, shuffled_acc, temporal_rule, alpha, mu, correct_threshold)
+        if contrast_clip is not None and num_contrast:  # a video with contrast rollouts: the temporal reward
+            bonus, p, p_contrast, granted = rewards.temporal_bonus(acc, accuracy(True), temporal_rule, alpha, mu,
+                                                                   correct_threshold)
             if not temporal:  # plain GRPO: p and p~ are measured, for comparison, but nothing is paid
                 bonus = [0.0] * len(group)
             stats["p"].append(p)
-            stats["p_shuffled"].append(p_shuffled)
+            stats["p_contrast"].append(p_contrast)
             stats["bonus_granted"].append(float(granted))
         total = np.array(acc) + np.array(fmt) + np.array(length) + np.array(bonus)
         rewards_out[group], advantages[group] = total, rewards.group_advantages(total)
-        for key, values in (("accuracy", acc), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus), ("reward", total)):
+        for key, values in (("accuracy", acc), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus),
+                            ("reward", total)):
             stats[key].extend(values)
     return rewards_out, advantages, stats
+
+
+def rows_of(rows, prompt, is_contrast):
+    return [b for b, (j, c) in enumerate(rows) if j == prompt and c == is_contrast]
 
 
 def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
@@ -150,7 +162,7 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     ratio = torch.exp(logp - old_logp)                                             # (N, T) pi / pi_old
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
     surrogate = torch.min(ratio * advantages[:, None], clipped * advantages[:, None])  # (N, T)
-    log_ref_ratio = torch.clamp(ref_logp - logp, -10, 10)                          # (N, T) log pi_ref / pi
+    log_ref_ratio = torch.clamp(ref_logp - logp, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # (N, T) log pi_ref/pi
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1                              # (N, T) k3, >= 0
     per_token = -(surrogate - beta * kl)                                           # (N, T)
     if loss_norm == "sequence":
@@ -160,24 +172,28 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     # a token is clipped when the clip bound, not the ratio, sets the surrogate (no gradient flows there)
     is_clipped = (ratio * advantages[:, None] > clipped * advantages[:, None]).float()
     tokens = mask.sum().clamp(min=1)
-    return loss, {"kl": ((kl * mask).sum() / tokens).item(), "clip_fraction": ((is_clipped * mask).sum() / tokens).item()}
+    return loss, {"kl": ((kl * mask).sum() / tokens).item(),
+                  "clip_fraction": ((is_clipped * mask).sum() / tokens).item()}
 
 
 def ordered_batch(batch, rows, ids, mask):
-    """The ordered rows only (the loss never sees shuffled ones), their prompts sharing clips as before."""
-    keep = [b for b, (_, is_shuffled) in enumerate(rows) if not is_shuffled]
+    """The ordered rows only (the loss never sees contrast ones), their prompts sharing clips as before."""
+    keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
     return batch.select(keep), ids[keep], mask[keep], keep
 
 
-def train_step(opt, ref, batch, ids, mask, advantages, lr_now):
-    """num_iterations updates on one set of rollouts; returns the last update's loss statistics and grad norm."""
-    policy = opt.model
+def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
+    """num_iterations updates on one set of rollouts; returns the last update's loss statistics and grad norm.
+    Policy, old policy and reference run in one precision regime, so before the first update ratio == 1 and the
+    KL to an identical reference is exactly 0."""
+    def logprobs(model):
+        with C.autocast(device):
+            return M.completion_logprobs(model, batch, ids, mask)
     with torch.no_grad():
-        ref_logp = M.completion_logprobs(ref, batch, ids, mask) if beta else None
-        old_logp = M.completion_logprobs(policy, batch, ids, mask) if num_iterations > 1 else None
+        ref_logp = logprobs(ref) if beta else None
+        old_logp = logprobs(policy) if num_iterations > 1 else None
     for _ in range(num_iterations):
-        with torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
-            logp = M.completion_logprobs(policy, batch, ids, mask)
+        logp = logprobs(policy)
         # one update per rollout: pi_old == pi, so the ratio is exactly 1 (value) with the policy gradient (grad)
         loss, stats = tgrpo_loss(logp, logp.detach() if old_logp is None else old_logp,
                                  logp.detach() if ref_logp is None else ref_logp, advantages, mask.float())
@@ -188,34 +204,38 @@ def train_step(opt, ref, batch, ids, mask, advantages, lr_now):
 
 def mean_over_ranks(values, device):
     """Average each metric over ranks (NaN where no rank had a value, e.g. p with no video prompt)."""
-    t = torch.tensor([[v, 1.0] if not math.isnan(v) else [0.0, 0.0] for v in values], device=device, dtype=torch.float64)
-    if M.WORLD > 1:
+    t = torch.tensor([[v, 1.0] if not math.isnan(v) else [0.0, 0.0] for v in values], device=device,
+                     dtype=torch.float64)
+    if C.WORLD > 1:
         torch.distributed.all_reduce(t)
     return [s / n if n else math.nan for s, n in t.tolist()]
 
 
 if __name__ == "__main__":
-    device = M.setup_distributed()
-    torch.manual_seed(seed + M.RANK)
+    device = C.setup_distributed()
+    torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
     train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
-    ckpt = M.latest_checkpoint(out_dir) if resume else None
-    start_path = ckpt or M.latest_checkpoint(init_from) or init_from
-    on_gpu = torch.device(device).type == "cuda"
-    policy, tokenizer = M.load_model(start_path, device, grad_ckpt, attn, dtype=torch.bfloat16 if (on_gpu and deepspeed) else torch.float32)
-    opt = M.Optimizer(policy, lr, weight_decay, grad_clip, deepspeed_config=deepspeed)
-    ref = M.frozen_reference(M.latest_checkpoint(init_from) or init_from, device, deepspeed, attn) if beta else None
-    start = M.load_training_state(ckpt, opt)["step"] if ckpt else 0
-    M.print0(f"T-GRPO from {start_path}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} rule={temporal_rule}, "
-             f"G={num_generations} G~={num_shuffled}, start at step {start}")
+    ckpt = C.latest_checkpoint(out_dir) if resume else None
+    start_path = ckpt or C.latest_checkpoint(init_from) or init_from
+    # DeepSpeed keeps fp32 master weights itself; plain torch trains fp32 weights under bf16 autocast
+    dtype = torch.bfloat16 if (torch.device(device).type == "cuda" and deepspeed) else torch.float32
+    policy, tokenizer = M.load_model(start_path, device, grad_ckpt, attn, dtype)
+    opt = C.Optimizer(policy, lr, weight_decay, grad_clip, deepspeed_config=deepspeed)
+    policy = opt.model  # the DeepSpeed engine under ZeRO: every forward goes through it
+    ref_path = C.latest_checkpoint(init_from) or init_from
+    ref = C.frozen_reference(ref_path, device, dtype, deepspeed, attn) if beta else None
+    start = C.load_training_state(ckpt, opt)["step"] if ckpt else 0
+    C.print0(f"T-GRPO from {start_path}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} "
+             f"rule={temporal_rule}, G={num_generations} G~={num_contrast}, start at step {start}")
     os.makedirs(out_dir, exist_ok=True)
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if M.RANK == 0 else None
-    samples = open(os.path.join(out_dir, "samples.jsonl"), "a") if M.RANK == 0 else None
+    log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if C.RANK == 0 else None
+    samples = open(os.path.join(out_dir, "samples.jsonl"), "a") if C.RANK == 0 else None
     stop = min(max_steps, start + run_steps) if run_steps else max_steps
     for step in range(start, stop):
-        t0, lr_now = time.time(), M.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
+        t0, lr_now = time.time(), C.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
         policy.eval()
-        records_now = data.epoch_slice(train, (step * M.WORLD + M.RANK) * batch_size, batch_size, seed)
-        examples, rows, batch, ids, mask, skipped = rollout(opt.model, records_now, tokenizer, step, device)
+        records_now = data.epoch_slice(train, (step * C.WORLD + C.RANK) * batch_size, batch_size, seed)
+        examples, rows, batch, ids, mask, skipped = rollout(policy, records_now, tokenizer, step, device)
         rollout_time = time.time() - t0
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if examples else []  # past a stop: pad
         lengths = mask.sum(1).tolist() if examples else []
@@ -223,34 +243,36 @@ if __name__ == "__main__":
         if examples:
             reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
             sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
-            update = train_step(opt, ref, sub, sub_ids, sub_mask, torch.tensor(advantages[keep], dtype=torch.float32, device=device), lr_now)
+            advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
+            update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now, device)
         else:  # every clip of this rank failed: a zero backward keeps its collectives in step with the other ranks
             opt.backward(sum(p.sum() for p in policy.parameters()) * 0.0)
             stats = {name: [] for name in STATS}
             update = {"loss": math.nan, "kl": math.nan, "clip_fraction": math.nan, "grad_norm": opt.step(lr_now)}
         local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
-        local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update, "skipped": float(skipped),
-                  "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
+        local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update,
+                  "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
         names = sorted(local)
         metrics = {"step": step + 1, **dict(zip(names, mean_over_ranks([local[k] for k in names], device))),
                    "lr": lr_now, "step_time": time.time() - t0}
-        metrics["skipped"] *= M.WORLD  # a count, summed over ranks
-        metrics["rollout_tokens_per_s"] *= M.WORLD
+        metrics["skipped"] *= C.WORLD  # a count, summed over ranks
+        metrics["rollout_tokens_per_s"] *= C.WORLD
         if log:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if (step + 1) % log_interval == 0:
-                M.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+                C.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
             if (step + 1) % sample_interval == 0 and examples:
-                for b in (0, len(rows) - 1):  # an ordered and (for a video) a shuffled episode
+                for b in (0, len(rows) - 1):  # an ordered and (for a video) a contrast episode
                     record = examples[rows[b][0]][0]
                     episode = {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
-                               "shuffled": rows[b][1], "response": texts[b],
-                               "accuracy": rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"]),
+                               "contrast": rows[b][1], "response": texts[b],
+                               "accuracy": rewards.accuracy_reward(texts[b], record["solution"],
+                                                                   record["problem_type"]),
                                "reward": None if rows[b][1] else float(reward_per_row[b])}
                     samples.write(json.dumps(episode) + "\n")
-                    M.print0("sample:", json.dumps(episode))
+                    C.print0("sample:", json.dumps(episode))
                 samples.flush()
         if (step + 1) % ckpt_interval == 0 or step + 1 in (max_steps, stop):
-            M.print0("checkpoint:", M.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config))
-    M.finish()
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config))
+    C.finish()

@@ -1,0 +1,249 @@
+"""Run machinery shared by the scripts: the configurator, distributed set-up, the optimizer and lr schedule, ZeRO
+helpers and atomic checkpoints. Nothing here knows T-GRPO; tgrpo.py and model.py hold the algorithm."""
+import ast
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import torch
+import torch.distributed as dist
+from model import load_model, unwrap
+
+SEED_BITS = 62  # a torch.Generator seed drawn from a numpy stream: 62 bits stay clear of int64's sign
+
+# ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
+
+
+def configure(namespace, argv, choices=None):
+    """Apply overrides to a script's config block (its globals of plain types) and write them back: config files
+    (python assignments, e.g. configs/tgrpo_paper.py) and --key=value, in order. An unknown key, a value of another
+    type or a value outside `choices` ({key: allowed values}) is an error raised before anything is loaded."""
+    config = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string
+            overrides = {key: value}
+        else:
+            overrides = {}
+            with open(arg) as f:
+                exec(f.read(), {}, overrides)
+        for key, value in overrides.items():
+            if key not in config:
+                raise ValueError(f"unknown config key {key!r} (from {arg})")
+            if type(config[key]) is float and type(value) is int:
+                value = float(value)
+            if type(value) is not type(config[key]):
+                raise TypeError(f"config {key}: expected {type(config[key]).__name__}, got {value!r} (from {arg})")
+            config[key] = value
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise ValueError(f"config {key}: {config[key]!r} is not one of {allowed}")
+    namespace.update(config)
+    return config
+
+# ----------------------------------------------------------------------------- distributed, one code path
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def print0(*args, **kwargs):
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup_distributed():
+    """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if WORLD > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def autocast(device):
+    """The one precision regime of every forward (policy, old policy, reference): bf16 autocast on GPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish():
+    """End a worker: gloo sometimes aborts at interpreter exit after all work is done (DETAILS.md, library traps),
+    so leave at once."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+# ----------------------------------------------------------------------------- optimizer, lr, ZeRO
+
+
+def read_deepspeed_config(path):
+    """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per step (the scripts
+    accumulate by hand) and bf16 exactly when on GPU."""
+    with open(path) as f:
+        ds = json.load(f)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
+    return ds
+
+
+class Optimizer:
+    """AdamW behind one interface for 1 process, N processes (gradients averaged by hand) and DeepSpeed ZeRO
+    (from a json config; a torch optimizer as its client optimizer, so no C++ ops are built). `model` is what the
+    scripts run forward through: the DeepSpeed engine under ZeRO, else the model itself."""
+
+    def __init__(self, model, lr, weight_decay, grad_clip, betas=(0.9, 0.999), deepspeed_config=""):
+        self.grad_clip, self.engine, self.model = grad_clip, None, model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+        if deepspeed_config:
+            import deepspeed
+            ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip}
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds)
+            self.model = self.engine
+
+    def backward(self, loss):
+        if self.engine:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self, lr):
+        """Average gradients over ranks, clip, step at `lr`; returns the gradient norm before clipping."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.engine:
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm() or 0.0)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if WORLD > 1:  # every rank reduces every parameter, so a rank whose batch left one unused cannot hang
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.item()
+
+
+def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def is_zero3(model):
+    return hasattr(model, "zero_optimization_stage") and model.zero_optimization_stage() == 3
+
+
+def gathered_for_generation(model):
+    """Under ZeRO-3 gather the full weights once for a whole rollout phase, not once per token per layer."""
+    if is_zero3(model):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.module.parameters()))
+    return contextlib.nullcontext()
+
+
+def frozen_reference(path, device, dtype, deepspeed_config="", attn="sdpa"):
+    """The KL reference: a frozen copy of the starting policy in the policy's dtype. Under ZeRO-3 it is
+    partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 each GPU holds it."""
+    ref, _ = load_model(path, device, attn=attn, dtype=dtype)
+    ref.requires_grad_(False).eval()
+    if deepspeed_config:
+        ds = read_deepspeed_config(deepspeed_config)
+        if ds.get("zero_optimization", {}).get("stage") == 3:
+            import deepspeed
+            ref = deepspeed.initialize(model=ref, config=ds)[0]
+    return ref
+
+# ----------------------------------------------------------------------------- checkpoints, atomic
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=None):
+    """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads, the
+    optimizer/DeepSpeed state and the run config. It is built under a temporary name and renamed into place, and
+    `latest` is replaced atomically after it, so a kill at any moment leaves the last good checkpoint whole.
+    No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank)."""
+    check_in_sync(optimizer.model)
+    final = os.path.join(out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if RANK == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
+        optimizer.engine.save_checkpoint(tmp, tag="deepspeed")
+        zero3 = optimizer.engine.zero_optimization_stage() == 3
+        state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks take part
+    else:
+        state_dict = None
+    if RANK == 0:
+        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if not optimizer.engine:
+            torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            json.dump({"step": step, "config": config, **(extra or {})}, f, indent=1)
+    barrier()  # every rank's files are in place before the folder is renamed
+    if RANK == 0:
+        if os.path.exists(final):  # a rerun of the same step: the old one stays whole until the new one is in place
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    barrier()
+    return final
+
+
+def check_in_sync(model):
+    """Raise if the ranks' replicated weights have drifted apart (a position-weighted checksum). Skipped under
+    ZeRO-3: each rank holds a different partition, and gathering them makes every rank's copy equal by
+    construction, so the check could not fail there and would cost a whole-model gather."""
+    if WORLD == 1 or is_zero3(model):
+        return
+    with torch.no_grad():
+        checksum = sum(p.double().sum() * (i + 1) for i, p in enumerate(unwrap(model).parameters())).reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(WORLD)]
+    dist.all_gather(sums, checksum)
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"ranks out of sync: weight checksums {[s.item() for s in sums]}")
+
+
+def latest_checkpoint(out_dir):
+    path = os.path.join(out_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
+def load_training_state(ckpt, optimizer):
+    """Restore the optimizer/DeepSpeed state (weights come through load_model(ckpt)); returns run.json."""
+    if optimizer.engine:
+        optimizer.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=True)
+    else:
+        optimizer.opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(ckpt, "run.json")) as f:
+        return json.load(f)
