@@ -213,3 +213,53 @@ def test_two_process_deepspeed_runs_stay_in_sync(toy, tmp_path, zero):
     trained = load_file(tmp_path / "step_000002" / "model.safetensors")
     start = load_file(os.path.join(toy[1], "model.safetensors"))
     assert any(not torch.equal(trained[k].float(), start[k].float()) for k in start)
+
+
+def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
+    """Under bf16 autocast (CPU here, as on a GPU), before any update the KL to an identical reference is exactly 0
+    and the ratio exactly 1: all three log-prob passes run in the same regime."""
+    monkeypatch.setattr(tgrpo.C, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
+    monkeypatch.setattr(tgrpo, "num_iterations", 2)
+    monkeypatch.setattr(tgrpo, "beta", 0.04)
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 6)
+    policy, tok, records = load_examples(toy, ["video"], 1)
+    ref, _ = M.load_model(toy[1], "cpu")
+    opt = tgrpo.C.Optimizer(policy, 0.0, 0.0, 1.0)  # lr 0: the weights stay, so both updates start at pi_old
+    _, rows, batch, ids, mask, _ = tgrpo.rollout(policy, records, tok, 0, "cpu")
+    sub, sub_ids, sub_mask, keep = tgrpo.ordered_batch(batch, rows, ids, mask)
+    stats = tgrpo.train_step(opt, policy, ref, sub, sub_ids, sub_mask, torch.randn(len(keep)), 0.0, "cpu")
+    assert stats["kl"] == 0.0 and stats["clip_fraction"] == 0.0
+
+
+def test_correct_threshold_decides_the_length_bonus_too(monkeypatch):
+    monkeypatch.setattr(tgrpo, "length_bonus", True)
+    record = {"solution": "<answer>red blue</answer>", "problem_type": "OCR"}
+    half = "<think>x</think><answer>red</answer>"  # accuracy 1 - WER = 0.5
+    examples, rows = [(record, None, None, None)], [(0, False)] * 2
+    for threshold, paid in ((0.5, 0.2), (0.9, 0.0)):
+        monkeypatch.setattr(tgrpo, "correct_threshold", threshold)
+        _, _, stats = tgrpo.score(examples, rows, [half, "nothing"], [400, 400])
+        assert stats["length_bonus"] == [paid, 0.0]
+
+
+def test_checkpoint_sync_check_gathers_nothing_under_zero3(monkeypatch):
+    """Under ZeRO-3 the ranks hold different partitions; gathering them to compare could never find a difference."""
+    class Zero3Engine(torch.nn.Module):
+        def zero_optimization_stage(self):
+            return 3
+    monkeypatch.setattr(tgrpo.C, "WORLD", 2)
+    monkeypatch.setattr(tgrpo.C.dist, "all_gather", lambda *a: pytest.fail("a collective ran"))
+    tgrpo.C.check_in_sync(Zero3Engine())
+
+
+def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
+    config = {k: v for k, v in vars(tgrpo).items()}
+    tgrpo.C.configure(config, ["configs/tgrpo_paper.py", "configs/tgrpo_official.py"],
+                      choices={"temporal_rule": tuple(tgrpo.rewards.RULES)})
+    assert config["temporal_rule"] == "official" and config["mu"] == 0.8 and config["num_contrast"] == 4
+    import sft
+    tgrpo.C.configure(dict(vars(sft)), ["configs/sft_paper.py"])
+    for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--contrast=rotate", "--loss_norm=x"):
+        result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
+                                capture_output=True, text=True)
+        assert result.returncode != 0 and bad[2:].split("=")[0] in result.stderr.splitlines()[-1], result.stderr[-500:]

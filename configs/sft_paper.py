@@ -1,4 +1,4 @@
-# SFT cold start at paper scale (SPEC.md): Qwen2.5-VL-7B-Instruct on Video-R1-COT-165k, 8x A100-80GB, ZeRO-2.
+# SFT cold start at paper scale (DETAILS.md, "Hyperparameters"): Qwen2.5-VL-7B-Instruct on Video-R1-COT-165k, 8x A100-80GB, ZeRO-2.
 # torchrun --nproc_per_node 8 sft.py configs/sft_paper.py
 model_path = "checkpoints/Qwen2.5-VL-7B-Instruct"  # a local HF folder (no hub access at run time)
 data_dir = "data"
@@ -12,7 +12,7 @@ grad_accum = 2
 lr = 1e-6
 warmup_steps = 100
 min_lr_ratio = 0.0
-max_frames = 16                    # SPEC training: 16 frames at 2 fps, <= 128*28*28 pixels per frame
+max_frames = 16                    # the paper's training: 16 frames at 2 fps, <= 128*28*28 pixels per frame
 max_pixels = 128 * 28 * 28
 skip_bad = True                    # a 165k-record run goes on past a broken clip; skips are counted in the log
 eval_interval = 500

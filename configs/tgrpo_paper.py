@@ -1,4 +1,4 @@
-# T-GRPO at paper scale (SPEC.md): the SFT model on Video-R1-260k, 8x A100-80GB, ZeRO-3, about 1k steps.
+# T-GRPO at paper scale (DETAILS.md, "Hyperparameters"): the SFT model on Video-R1-260k, 8x A100-80GB, ZeRO-3, about 1k steps.
 # torchrun --nproc_per_node 8 tgrpo.py configs/tgrpo_paper.py
 init_from = "out/sft_paper"
 data_dir = "data"
@@ -8,7 +8,7 @@ out_dir = "out/tgrpo_paper"
 max_steps = 1000
 batch_size = 1                     # prompts per GPU, as in the paper; any value works
 num_generations = 8
-num_shuffled = 4
+num_contrast = 4
 max_new_tokens = 768
 lr = 1e-6
 min_lr_ratio = 0.0                 # cosine to 0, as the official scripts
