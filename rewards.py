@@ -153,8 +153,9 @@ def temporal_bonus(ordered_acc, shuffled_acc, rule="paper", alpha=ALPHA, mu=None
     return [alpha if granted and c else 0.0 for c in correct], p, p_tilde, granted
 
 
-def group_advantages(rewards, eps=ADV_EPS) -> np.ndarray:
-    """(R - mean) / (std + eps) within a group, std unbiased (torch's default, as in the official code).
+def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
+    """(R - mean) / (std + eps) within a group, std unbiased (torch's default, as in the official code);
+    scale=False: R - mean (Dr. GRPO), which keeps the rewards' scale, so a bonus that grows them grows A too.
 
     A single response or a zero-variance group gives zeros (torch gives NaN for one element).
     """
@@ -167,4 +168,30 @@ def group_advantages(rewards, eps=ADV_EPS) -> np.ndarray:
     # unchanged because numerator and denominator (eps included) are scaled alike.
     c = max(1.0, float(np.max(np.abs(r))))
     x = r / c
+    if not scale:
+        return r - c * x.mean()
     return (x - x.mean()) / (x.std(ddof=1) + eps / c)
+
+
+BONUS_TO = ("reward", "advantage")
+
+
+def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
+    """Advantages of one group of ordered responses and the mean |A - A without the bonus| the bonus made.
+
+    base_rewards: accuracy + format (+ length) per response; bonus: temporal_bonus's per-response bonus.
+    bonus_to="reward" (paper eq. 2-3): A = norm(base + bonus); "advantage" (the paper's alternative sentence):
+    A = norm(base) + bonus. With "reward", scale=True, 0/1 accuracies and one format reward for the whole group,
+    base + bonus is an affine map of base, so the bonus only moves the eps term (issue 13): the change is ~0.
+    """
+    if bonus_to not in BONUS_TO:
+        raise ValueError(f"unknown bonus_to {bonus_to!r}; expected one of {BONUS_TO}")
+    base, b = np.asarray(base_rewards, dtype=np.float64), np.asarray(bonus, dtype=np.float64)
+    if base.shape != b.shape:
+        raise ValueError(f"{base.shape} base rewards but {b.shape} bonuses")
+    if not np.all(np.isfinite(b)):
+        raise ValueError(f"non-finite bonus in {bonus!r}")
+    without = group_advantages(base, eps, scale)
+    adv = group_advantages(base + b, eps, scale) if bonus_to == "reward" else without + b
+    change = float(np.mean(np.abs(adv - without))) if adv.size else 0.0
+    return adv, change

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rewards import (ALPHA, PROBLEM_TYPES, accuracy_reward, extract_answer, format_reward, group_advantages,
-                     is_correct, length_bonus, rouge_mean, temporal_bonus, wer)
+from rewards import (ADV_EPS, ALPHA, PROBLEM_TYPES, accuracy_reward, advantages, extract_answer, format_reward,
+                     group_advantages, is_correct, length_bonus, rouge_mean, temporal_bonus, wer)
 
 
 def tag(s):
@@ -288,6 +288,118 @@ def test_group_advantages_rejects_non_finite(bad):
         group_advantages([1.0, bad])
 
 
+@pytest.mark.parametrize("rewards, expected", [
+    ([1, 0], [0.5, -0.5]),
+    ([2.3, 1, 1, 1], [0.975, -0.325, -0.325, -0.325]),
+    ([1, 2, 3, 4], [-1.5, -0.5, 0.5, 1.5]),
+    ([1e308, -1e308], [1e308, -1e308]),           # scaled mean: no overflow on the way
+    ([0.7, 0.7, 0.7], [0, 0, 0]),
+    ([5.0], [0]),
+])
+def test_group_advantages_unscaled(rewards, expected):
+    np.testing.assert_allclose(group_advantages(rewards, scale=False), expected, rtol=1e-12, atol=1e-15)
+
+
+def paper_adv(r, eps=ADV_EPS):
+    r = np.asarray(r, dtype=np.float64)
+    return (r - r.mean()) / (r.std(ddof=1) + eps)
+
+
+A1 = 0.75 / (0.5 + 1e-4)                            # [2, 1, 1, 1]: mean 1.25, unbiased std 0.5
+A1_BONUS = 0.75 / (0.5 + 1e-4 / 1.3)               # the same group with +0.3 on the first: std 0.65
+# base, bonus, bonus_to, scale, expected advantages, expected mean |A - A without bonus|
+ADVANTAGE_TABLE = [
+    # binary accuracy, one format for all: paper's eq. 2-3 only moves the eps term
+    ([2, 1, 1, 1], [.3, 0, 0, 0], "reward", True, [A1_BONUS, *[-A1_BONUS / 3] * 3], (A1_BONUS - A1) / 2),
+    # Dr. GRPO: the bonus scales the group's advantages by 1 + alpha
+    ([2, 1, 1, 1], [.3, 0, 0, 0], "reward", False, [.975, -.325, -.325, -.325], .1125),
+    ([2, 1, 1, 1], [.3, 0, 0, 0], "advantage", True, [A1 + .3, *[-A1 / 3] * 3], .075),
+    ([2, 1, 1, 1], [.3, 0, 0, 0], "advantage", False, [1.05, -.25, -.25, -.25], .075),
+    # format varies: the bonus acts through the reward
+    ([2, 1, 1, 0], [.3, .3, 0, 0], "reward", True, paper_adv([2.3, 1.3, 1, 0]), None),
+    # OCR-like continuous accuracy (0.6 and 0.9 pass the 0.5 threshold): the +alpha step is not affine
+    ([1.6, 1.9, 1.3, 1.0], [.3, .3, 0, 0], "reward", True, paper_adv([1.9, 2.2, 1.3, 1.0]), None),
+    # all correct: paper's rule has nothing to compare; bonus on the advantage still pays every response
+    ([2, 2, 2, 2], [.3] * 4, "reward", True, [0, 0, 0, 0], 0.0),
+    ([2, 2, 2, 2], [.3] * 4, "advantage", True, [.3] * 4, .3),
+    # no bonus: the plain advantages, change 0 exactly
+    ([2, 1, 0, 1], [0] * 4, "reward", True, paper_adv([2, 1, 0, 1]), 0.0),
+    ([2, 1, 0, 1], [0] * 4, "advantage", False, [1, 0, -1, 0], 0.0),
+    ([], [], "reward", True, [], 0.0),
+]
+
+
+@pytest.mark.parametrize("base, bonus, bonus_to, scale, expected, change", ADVANTAGE_TABLE)
+def test_advantages_table(base, bonus, bonus_to, scale, expected, change):
+    adv, got_change = advantages(base, bonus, bonus_to, scale)
+    np.testing.assert_allclose(adv, expected, rtol=1e-9, atol=1e-12)
+    without = group_advantages(base, scale=scale)
+    assert got_change == pytest.approx(np.mean(np.abs(adv - without)) if len(base) else 0.0, abs=1e-15)
+    if change is not None:
+        assert got_change == pytest.approx(change, rel=1e-9, abs=1e-15)
+
+
+def test_advantages_errors():
+    with pytest.raises(ValueError, match="bonus_to"):
+        advantages([1, 0], [0, 0], bonus_to="rewards")
+    with pytest.raises(ValueError):
+        advantages([1, 0], [0.3])
+    with pytest.raises(ValueError):
+        advantages([1, 0], [float("nan"), 0], bonus_to="advantage")
+    with pytest.raises(ValueError):
+        advantages([1, float("inf")], [0, 0])
+
+
+def invariance_bound(k, G, alpha, eps=ADV_EPS):
+    """Largest |A_i(with bonus) - A_i(without)| on a 0/1 group of G with k correct and one format reward:
+    R = f + (1 + alpha) a, so A = (a - mean a) / (s + eps / (1 + alpha)) against (a - mean a) / (s + eps)."""
+    s = math.sqrt(k * (G - k) / (G * (G - 1)))
+    return max(k, G - k) / G * eps * alpha / (1 + alpha) / ((s + eps / (1 + alpha)) * (s + eps))
+
+
+def test_invariance_bound_values():
+    # G = 8: 4 correct gives 4.0e-5 (the issue's figure); 1 or 7 correct is the worst case, 1.6e-4;
+    # any k is below G * eps * alpha / (1 + alpha) since s^2 >= 1 / G
+    assert invariance_bound(4, 8, ALPHA) == pytest.approx(4.04e-5, rel=1e-2)
+    assert invariance_bound(1, 8, ALPHA) == pytest.approx(1.615e-4, rel=1e-2)
+    for G in range(2, 17):
+        assert all(invariance_bound(k, G, ALPHA) <= G * ADV_EPS * ALPHA / (1 + ALPHA) for k in range(1, G))
+
+
+@settings(max_examples=300, deadline=None)
+@given(acc=st.lists(st.sampled_from([0.0, 1.0]), min_size=2, max_size=16), fmt=st.sampled_from([0.0, 1.0]),
+       alpha=st.floats(0.05, 1.0), length=st.sampled_from([0.0, 0.2]))
+def test_invariance_binary_uniform_format(acc, fmt, alpha, length):
+    """Issue 13: eq. 2-3's bonus is void on 0/1 accuracies with one format reward (and one length bonus per
+    correct answer, as then too R is affine in a); only Dr. GRPO's scale or the bonus on the advantage act."""
+    bonus, _, _, granted = temporal_bonus(acc, [0.0], alpha=alpha)
+    assert granted
+    base = [fmt + (1 + length) * a for a in acc]
+    adv, change = advantages(base, bonus)
+    without = group_advantages(base)
+    k, G = int(sum(acc)), len(acc)
+    bound = invariance_bound(k, G, alpha / (1 + length)) if 0 < k < G else 0.0
+    assert np.max(np.abs(adv - without)) <= bound * (1 + 1e-6) + 1e-12
+    assert change <= G * ADV_EPS * alpha / (1 + alpha) + 1e-12
+    np.testing.assert_allclose(advantages(base, bonus, scale=False)[0],
+                               (1 + alpha / (1 + length)) * group_advantages(base, scale=False), atol=1e-12)
+    adv_a, change_a = advantages(base, bonus, bonus_to="advantage")
+    np.testing.assert_allclose(adv_a - without, bonus, atol=1e-12)
+    assert change_a == pytest.approx(alpha * k / G)
+
+
+@pytest.mark.parametrize("acc, fmt, length", [
+    ([1, 1, 0, 0, 1, 0, 0, 0], [1, 0, 1, 1, 1, 1, 0, 1], [0] * 8),           # binary, format varies
+    ([0.6, 0.9, 0.3, 0.0, 0.4, 1.0, 0.2, 0.5], [1] * 8, [0] * 8),            # OCR-like continuous accuracy
+    ([1, 1, 0, 0, 1, 0, 0, 0], [1] * 8, [0.2, 0, 0, 0, 0.2, 0, 0, 0]),       # length bonus for some correct ones
+])
+def test_bonus_acts_when_the_group_is_not_affine(acc, fmt, length):
+    bonus, _, _, granted = temporal_bonus(acc, [0.0])
+    assert granted
+    _, change = advantages(np.add(acc, fmt) + length, bonus)
+    assert change > 50 * 8 * ADV_EPS * ALPHA / (1 + ALPHA)          # 50 times the eps effect's bound
+
+
 # ---------------------------------------------------------------- properties
 FRAGMENTS = ["<answer>", "</answer>", "<think>", "</think>", " ", "\n", "A", "B", "a", "3", "3.0", "0", ".", ",",
              "-", "e", "nan", "inf", "1e999", "cat", "the", "running"]
@@ -325,9 +437,9 @@ def test_advantages_of_any_finite_group_are_finite(rewards):
 
 
 @SETTINGS
-@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=16))
-def test_advantages_sum_to_zero(rewards):
-    assert abs(group_advantages(rewards).sum()) <= 1e-6
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=16), st.booleans())
+def test_advantages_sum_to_zero(rewards, scale):
+    assert abs(group_advantages(rewards, scale=scale).sum()) <= 1e-6 * (1 if scale else 1e3)
 
 
 @SETTINGS
