@@ -263,3 +263,17 @@ def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
         result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
                                 capture_output=True, text=True)
         assert result.returncode != 0 and bad[2:].split("=")[0] in result.stderr.splitlines()[-1], result.stderr[-500:]
+
+
+@pytest.mark.parametrize("bonus_to, scale, acts", [("reward", True, False), ("advantage", True, True),
+                                                   ("reward", False, True)])
+def test_the_bonus_acts_only_in_the_variants_on_binary_groups(monkeypatch, bonus_to, scale, acts):
+    """A multiple-choice group with one format reward: eq. 2-3 void the granted bonus, both variants keep it."""
+    monkeypatch.setattr(tgrpo, "bonus_to", bonus_to)
+    monkeypatch.setattr(tgrpo, "scale_rewards", scale)
+    record = {"solution": "<answer>B</answer>", "problem_type": "multiple choice"}
+    right, wrong = "<think>x</think><answer>B</answer>", "<think>x</think><answer>C</answer>"
+    examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
+    _, advantages, stats = tgrpo.score(examples, rows, [right, right, wrong, wrong, wrong, wrong], [5] * 6)
+    assert stats["bonus_granted"] == [1.0] and (stats["advantage_change"][0] > 0.1) == acts
+    assert stats["advantage_change"][0] < 1e-4 or acts

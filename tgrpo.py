@@ -20,6 +20,10 @@ Where this departs from the paper or the official code (DETAILS.md, "Paper vs of
 - Eq. 4 is implemented per token, as GRPO/TRL and the official code do: the ratio pi / pi_old of every completion
   token is clipped on its own and the per-token terms are averaged (loss_norm). The paper writes one ratio per
   sequence; per token keeps long responses from saturating the clip with a product of hundreds of ratios.
+- Eq. 2-3 void the bonus on most groups: with 0/1 accuracies and one format reward for the whole group,
+  R_i = f + (1 + alpha) a_i and the std division cancels the (1 + alpha) -- only eps moves (tulerfeng/Video-R1 #51).
+  Two config values let it act: bonus_to="advantage" adds r_t to A_i after normalising (the paper's own
+  alternative), scale_rewards=False drops the std division (Dr. GRPO). advantage_change logs what it did.
 - temporal_rule "paper" (p, p~ = share correct at correct_threshold, mu 1.0) by default; "official" uses mean raw
   accuracy (configs/tgrpo_official.py: mu 0.8 and "correct" = accuracy > 0.1).
 - num_iterations > 1 computes old-policy log-probs so the clip really acts; the official code does one update,
@@ -60,6 +64,8 @@ contrast = "shuffle"                 # how the contrast clip is built: "shuffle"
 alpha = 0.3                          # temporal reward (eq. 1)
 mu = 1.0                             # p >= mu * p~ (paper 1.0, official 0.8)
 correct_threshold = 0.5              # accuracy counted as correct, by both bonuses (paper >= 0.5, official > 0.1)
+bonus_to = "reward"                  # where r_t goes: "reward" (eq. 2, paper) or "advantage" (added to A_i)
+scale_rewards = True                 # eq. 3 divides by the group's std; False: A_i = R_i - mean R (Dr. GRPO)
 length_bonus = False                 # the paper's +0.2 for correct responses of 320-512 tokens
 length_rule = "paper"                # "official": only when >= 2 responses of the group are correct
 beta = 0.04                          # KL weight (paper)
@@ -91,7 +97,7 @@ deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(
     temporal_rule=tuple(rewards.RULES), length_rule=tuple(rewards.RULES), contrast=data.CONTRASTS,
-    loss_norm=("sequence", "token")))
+    bonus_to=rewards.BONUS_TO, loss_norm=("sequence", "token")))
 LIMITS = data.frame_limits(config)
 KL_LOG_RATIO_CLAMP = 10.0            # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
 
@@ -122,7 +128,8 @@ def rollout(policy, records, tokenizer, step, device):
     return examples, rows, batch, ids, mask, skipped
 
 
-STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_contrast", "bonus_granted")
+STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_contrast", "bonus_granted",
+         "advantage_change")
 
 
 def score(examples, rows, texts, lengths):
@@ -145,8 +152,11 @@ def score(examples, rows, texts, lengths):
             stats["p"].append(p)
             stats["p_contrast"].append(p_contrast)
             stats["bonus_granted"].append(float(granted))
-        total = np.array(acc) + np.array(fmt) + np.array(length) + np.array(bonus)
-        rewards_out[group], advantages[group] = total, rewards.group_advantages(total)
+        base = np.array(acc) + np.array(fmt) + np.array(length)
+        advantages[group], change = rewards.advantages(base, bonus, bonus_to, scale_rewards)
+        total = base + np.array(bonus)  # R_i of eq. 2, logged the same way wherever the bonus goes
+        rewards_out[group] = total
+        stats["advantage_change"].append(change)
         for key, values in (("accuracy", acc), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus),
                             ("reward", total)):
             stats[key].extend(values)
