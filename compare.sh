@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Does the temporal reward teach the model to use frame order? T-GRPO against plain GRPO (--temporal=False, whose
-# shuffled rollouts only measure p~), from ONE SFT checkpoint, same seeds, data and step budget; then every model,
-# the SFT one included, is evaluated with the shuffled-frame diagnostic, and plot.py draws the curves and the table.
+# Does the temporal reward teach the model to use frame order? From ONE SFT checkpoint, with the same seeds, data
+# and step budget: plain GRPO (--temporal=False: its shuffled rollouts only measure p~), T-GRPO as in the paper
+# (eq. 2-3), T-GRPO with the bonus added to the advantages, and T-GRPO and GRPO without the std division (Dr. GRPO).
+# Every model, the SFT one included, is evaluated with the shuffled-frame diagnostic; plot.py draws the curves and
+# the table.
 #   python synthetic.py out/synthetic && python sft.py      # once
-#   bash compare.sh [out/compare] ["0 1 2"]                 # STEPS=300 LR=1e-4 by default
+#   bash compare.sh [out/compare] ["0 1 2"]                 # STEPS=200 LR=1e-4 SFT=out/sft by default
 set -euo pipefail
 root=${1:-out/compare}
 seeds=${2:-"0 1 2"}
-steps=${STEPS:-300}
+steps=${STEPS:-200}
 lr=${LR:-1e-4}
-python eval.py --model_path=out/sft --shuffled=True --out_dir="$root/sft/eval" > /dev/null
+sft=${SFT:-out/sft}
+declare -A methods=(
+  [grpo]="--temporal=False"
+  [tgrpo]="--temporal=True"
+  [tgrpo_adv]="--temporal=True --bonus_to=advantage"
+  [tgrpo_noscale]="--temporal=True --scale_rewards=False"
+  [grpo_noscale]="--temporal=False --scale_rewards=False"
+)
+mkdir -p "$root"
+python eval.py --model_path="$sft" --shuffled=True --out_dir="$root/sft/eval" > /dev/null
 for seed in $seeds; do
-  for method in tgrpo grpo; do
+  for method in grpo tgrpo tgrpo_adv tgrpo_noscale grpo_noscale; do
     run="$root/${method}_seed$seed"
-    temporal=$([ "$method" = tgrpo ] && echo True || echo False)
-    python tgrpo.py --init_from=out/sft --seed="$seed" --temporal="$temporal" --max_steps="$steps" --lr="$lr" \
+    # shellcheck disable=SC2086  # the method's flags are separate words
+    python tgrpo.py --init_from="$sft" --seed="$seed" ${methods[$method]} --max_steps="$steps" --lr="$lr" \
       --ckpt_interval="$steps" --out_dir="$run" > "$root/${method}_seed$seed.log"
     python eval.py --model_path="$run" --shuffled=True --out_dir="$run/eval" > /dev/null
   done

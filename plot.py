@@ -1,9 +1,10 @@
-"""Curves and the result table of compare.sh: T-GRPO against plain GRPO, mean over seeds.
+"""Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean over seeds.
 
-    python plot.py out/compare      # reads {tgrpo,grpo}_seed*/metrics.jsonl and */eval/summary.json
+    python plot.py out/compare      # reads <method>_seed*/metrics.jsonl and */eval/summary.json
 
-Writes out/compare/curves.png (accuracy, total reward, share of video groups with p >= mu * p~, and p - p~ over
-steps; the band is +-1 std over seeds) and prints a markdown table of eval accuracy (mean +- std over seeds)."""
+Writes out/compare/curves.png (total reward, share of video groups with p >= mu * p~, p - p~ and the mean
+|advantage| change the bonus made, over steps; the band is +-1 std over seeds) and prints a markdown table of eval
+accuracy (mean +- std over seeds)."""
 import glob
 import json
 import os
@@ -13,13 +14,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt
 
-METHODS = {"tgrpo": "T-GRPO", "grpo": "GRPO (temporal=False)"}
-CURVES = [("accuracy", "accuracy reward (ordered rollouts)"),
-          ("reward", "total reward (T-GRPO's includes the bonus)"),
+METHODS = {"grpo": "GRPO (temporal=False)", "tgrpo": "T-GRPO (paper eq. 2-3)",
+           "tgrpo_adv": "T-GRPO, bonus_to=advantage", "tgrpo_noscale": "T-GRPO, scale_rewards=False",
+           "grpo_noscale": "GRPO, scale_rewards=False"}
+CURVES = [("reward", "total reward (T-GRPO's includes the bonus)"),
           ("bonus_granted", "video groups with p >= mu * p~\n(the bonus is paid by T-GRPO only)"),
-          ("p_gap", "p - p~ (ordered minus shuffled correct)")]
+          ("p_gap", "p - p~ (ordered minus shuffled correct)"),
+          ("advantage_change", "mean |advantage change| the bonus made")]
 SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
-ROWS = [("temporal", "ordered"), ("temporal", "shuffled"), ("temporal", "gap"), ("control", "ordered"), ("control", "gap")]
+ROWS = [("temporal", "ordered"), ("temporal", "shuffled"), ("temporal", "gap"),
+        ("control", "ordered"), ("control", "shuffled"), ("control", "gap")]
 
 
 def curve(path, key):
@@ -31,7 +35,8 @@ def curve(path, key):
 
 def methods(root):
     """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as tgrpo_mu1.5."""
-    names = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(root, "*_seed*")) if os.path.isdir(p)}
+    names = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(root, "*_seed*"))
+             if os.path.isdir(p)}
     order = lambda n: (list(METHODS).index(n) if n in METHODS else len(METHODS), n)
     return {name: METHODS.get(name, name) for name in sorted(names, key=order)}
 
@@ -64,7 +69,8 @@ def table(root):
         cells = []
         for family, metric in ROWS:
             values = 100 * np.array([g[family][metric] for g in groups])
-            cells.append(f"{values.mean():+.1f} ± {values.std():.1f}" if metric == "gap" else f"{values.mean():.1f} ± {values.std():.1f}")
+            sign = "+" if metric == "gap" else ""
+            cells.append(f"{values.mean():{sign}.1f} ± {values.std():.1f}")
         lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
