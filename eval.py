@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on Video-R1-format eval JSONs (the paper's six benchmarks come in that format); by default on
-the synthetic task's eval set. Metrics (DETAILS.md, "Eval metrics"): accuracy (reward == 1) for multiple choice and numerical, mean relative
-accuracy for regression, the reward (1 - WER, ROUGE) for OCR and free-form. --shuffled=True also answers each video
-question on its frames shuffled: a model that uses frame order scores lower there (the gap).
+the synthetic task's eval set. Metrics (DETAILS.md, "Eval metrics"): accuracy (reward == 1) for multiple choice and
+numerical, mean relative accuracy for regression, the reward (1 - WER, ROUGE) for OCR and free-form. --shuffled=True
+also answers each video question on its frames shuffled: a model that uses frame order scores lower there (the gap).
 
     python eval.py                                                # out/tgrpo on out/synthetic/eval.json
     python eval.py --model_path=out/sft --shuffled=True
@@ -87,7 +87,8 @@ def key(result):
 
 
 def new_result(k, record):
-    """Sample k = (benchmark, record index, shuffled?) before it is answered; a failed one keeps score 0 and its reason."""
+    """Sample k = (benchmark, record index, shuffled?) before it is answered; a failed one keeps score 0 and its
+    reason."""
     return {"benchmark": k[0], "index": k[1], "shuffled": k[2], "data_type": record["data_type"],
             "problem_type": record["problem_type"], **{f: record[f] for f in GROUP_FIELDS if f in record},
             "response": None, "answer": None, "score": 0.0, "failed": None}
@@ -143,7 +144,8 @@ def read_results(path, repair=False):
         try:
             results.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {n} is not a result ({err}): only the last line may be cut by a crash") from err
+            raise ValueError(f"{path} line {n} is not a result ({err}): only the last line may be cut by a crash") \
+                from err
     return results
 
 
@@ -187,7 +189,8 @@ def metrics(rows):
 def summarize(results, paths, settings):
     failures = [{"benchmark": r["benchmark"], "index": r["index"], "shuffled": r["shuffled"], "reason": r["failed"]}
                 for r in results if r["failed"] is not None]
-    summary = {"settings": settings, "samples": len(results), "failed": len(failures), "failures": failures, "benchmarks": {}}
+    summary = {"settings": settings, "samples": len(results), "failed": len(failures), "failures": failures,
+               "benchmarks": {}}
     for name, path in paths.items():
         rows = [r for r in results if r["benchmark"] == name]
         groups, seen = {}, {frozenset([frozenset(r["index"] for r in rows)])}  # a field splitting nothing adds nothing
@@ -207,16 +210,19 @@ def summarize(results, paths, settings):
 def table(summary):
     s, pct = summary["settings"], lambda x, fmt=".1f": "-" if x is None else format(100 * x, fmt)
     decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
-    cols = ["benchmark", "group", "records", "failed", "score %"] + ["videos", "ordered %", "shuffled %", "gap"] * s["shuffled"]
+    cols = ["benchmark", "group", "records", "failed", "score %"]
+    cols += ["videos", "ordered %", "shuffled %", "gap"] * s["shuffled"]
     lines = [f"checkpoint {s['checkpoint']}: {s['min_frames']}-{s['max_frames']} frames at {s['fps']} fps, "
              f"{s['min_pixels']}-{s['max_pixels']} pixels per frame, {decoding}, max_new_tokens {s['max_new_tokens']}",
-             f"{summary['failed']} of {summary['samples']} samples failed (reasons in summary.json); a failed sample scores 0"]
+             f"{summary['failed']} of {summary['samples']} samples failed (reasons in summary.json); "
+             "a failed sample scores 0"]
     lines += ["ordered / shuffled: video records answered on frames in order / shuffled; gap in points"] * s["shuffled"]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, bench in summary["benchmarks"].items():
         for group, m in [("all", bench["all"]), *bench["groups"].items()]:
             cells = [name, group, m["records"], m["failed"], pct(m["score"])]
-            cells += [m["videos"], pct(m["ordered"]), pct(m["shuffled"]), pct(m["gap"], "+.1f")] if s["shuffled"] else []
+            if s["shuffled"]:
+                cells += [m["videos"], pct(m["ordered"]), pct(m["shuffled"]), pct(m["gap"], "+.1f")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
