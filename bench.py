@@ -75,7 +75,7 @@ if __name__ == "__main__":
     for p in range(prompts):
         frames_np = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
         clips += [data.make_clip(frames_np, 2.0), data.make_clip(data.contrast_frames(frames_np, rng), 2.0)]
-        prompt = data.encode_prompt(tok, record, clips[-1])
+        prompt = data.encode_prompt(tok, record, clips[-1], max_tokens=2**20)
         for clip_index, n in ((len(clips) - 2, num_generations), (len(clips) - 1, num_contrast)):
             encoded += [prompt] * n
             row_clip += [clip_index] * n

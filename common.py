@@ -76,6 +76,15 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
+def mean_over_ranks(values, device):
+    """Average each metric over ranks (NaN where no rank had a value, e.g. p with no video prompt)."""
+    t = torch.tensor([[v, 1.0] if not math.isnan(v) else [0.0, 0.0] for v in values], device=device,
+                     dtype=torch.float64)
+    if WORLD > 1:
+        dist.all_reduce(t)
+    return [s / n if n else math.nan for s, n in t.tolist()]
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -190,19 +199,24 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
-        optimizer.engine.save_checkpoint(tmp, tag="deepspeed")
-        zero3 = optimizer.engine.zero_optimization_stage() == 3
-        state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks take part
-    else:
-        state_dict = None
-    if RANK == 0:
-        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        if not optimizer.engine:
-            torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "run.json"), "w") as f:
-            json.dump({"step": step, "config": config, **(extra or {})}, f, indent=1)
+    try:
+        if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
+            optimizer.engine.save_checkpoint(tmp, tag="deepspeed")
+            zero3 = optimizer.engine.zero_optimization_stage() == 3
+            state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks
+        else:
+            state_dict = None
+        if RANK == 0:
+            unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            if not optimizer.engine:
+                torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            with open(os.path.join(tmp, "run.json"), "w") as f:
+                json.dump({"step": step, "config": config, **(extra or {})}, f, indent=1)
+    except (OSError, RuntimeError) as err:  # a full disk: torch.save says "[enforce fail at inline_container.cc]"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"writing {final} failed ({str(err)[:200]}); the previous checkpoint is intact: "
+                           f"{latest_checkpoint(out_dir) or 'none was written before'}") from err
     barrier()  # every rank's files are in place before the folder is renamed
     if RANK == 0:
         if os.path.exists(final):  # a rerun of the same step: the old one stays whole until the new one is in place
@@ -237,6 +251,24 @@ def latest_checkpoint(out_dir):
         return None
     with open(path) as f:
         return os.path.join(out_dir, f.read().strip())
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def open_log(path, step):
+    """Rank 0's jsonl log of a run at `step`, to append to line by line (None on other ranks), without its lines of
+    later steps (a resumed run redoes them; a plot must not see a step twice) or a last line cut by a kill."""
+    if RANK != 0:
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            write_atomic(path, "".join(line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step))
+    return open(path, "a", buffering=1)  # line-buffered: each line goes out whole as it is written
 
 
 def load_training_state(ckpt, optimizer):

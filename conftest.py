@@ -35,7 +35,8 @@ def random_clip(t, height, width, is_video=True, second_per_grid=1.0, seed=0):
 def encode_text(tok, text, clip):
     """Token ids and mm types of a chat prompt around `clip` (None: a text-only prompt)."""
     import data
-    prompt = data.chat_prompt(text, clip) if clip else f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    before, after = data.chat_template(clip) if clip else ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+    prompt = before + text + after
     ids = tok(prompt, add_special_tokens=False).input_ids
     kinds = {tok.convert_tokens_to_ids(t): kind for t, kind in data.MM_TYPE.items()}
     return ids, [kinds.get(i, 0) for i in ids]

@@ -4,11 +4,13 @@ import os
 import sys
 import json
 import math
+import warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
 import decord
 from PIL import Image
+import rewards
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 DATA_TYPES = ("image", "video")
@@ -40,6 +42,8 @@ MAX_ASPECT = 200     # Qwen's limit: thinner images cannot be resized to multipl
 MIN_PIXELS = 4 * FACTOR * FACTOR      # = 56*56, transformers' default
 MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize itself
 TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # the paper's training frames have at most 128*28*28 pixels
+MIN_VIDEO_FPS, MAX_VIDEO_FPS = 0.1, 1000.0  # one frame per 10 s; a high-speed camera. Beyond: broken timing (an mp4
+# whose mdhd timescale is 0 decodes at ~1e-4 fps and gives frame 0 for every index), not a video
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")  # config keys of read_media
 CONTRASTS = ("shuffle", "reverse")  # how contrast_frames breaks the order
 
@@ -54,11 +58,11 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- records
 
 
-def _check_record(rec) -> str | None:
+def _check_record(rec, required) -> str | None:
     """The first problem with one record, or None when it is valid."""
     if not isinstance(rec, dict):
         return f"not a JSON object but {type(rec).__name__}"
-    for field in REQUIRED_FIELDS:
+    for field in REQUIRED_FIELDS + required:
         if field not in rec:
             return f"'{field}' missing"
         if not isinstance(rec[field], str) or not rec[field]:
@@ -67,20 +71,24 @@ def _check_record(rec) -> str | None:
         return f"'data_type' is {rec['data_type']!r}, not one of {DATA_TYPES}"
     if rec["problem_type"] not in PROBLEM_TYPES:
         return f"'problem_type' is {rec['problem_type']!r}, not one of {PROBLEM_TYPES}"
+    answer = rewards.extract_answer(rec["solution"])  # the ground truth every rollout is scored against
     if rec["problem_type"] == "multiple choice":
-        if "options" not in rec:
-            return "'options' missing for a multiple choice problem"
-        opts = rec["options"]
+        opts = rec.get("options")
         if not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts):
-            return f"'options' must be a non-empty list of strings, got {opts!r:.60}"
-    if "process" in rec and not isinstance(rec["process"], str):
+            return f"'options' must be a non-empty list of strings for a multiple choice problem, got {opts!r:.60}"
+        if answer not in [o.split(".")[0].strip() for o in opts]:  # Video-R1's options read "A. ..."
+            return f"'solution' answer {answer!r:.60} is not one of the option letters of {opts!r:.80}"
+    if rec["problem_type"] in ("numerical", "regression") and rewards._to_number(answer) is None:
+        return f"'solution' answer {answer!r:.60} is not a finite number"
+    if not isinstance(rec.get("process", ""), str):
         return f"'process' must be a string, got {type(rec['process']).__name__}"
     return None
 
 
-def load_records(json_path, root=None, skip_bad=False) -> tuple[list[dict], int]:
-    """Validated copies of the records of a Video-R1 JSON list, with `path` made absolute (relative to `root`,
-    default the JSON file's folder) and `index` (position in the file) added. Returns (records, number skipped).
+def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[list[dict], int]:
+    """Validated copies of the records of a Video-R1 JSON list (`required`: fields beyond REQUIRED_FIELDS), `path`
+    made absolute (relative to `root`, default the JSON's folder), `index` (in the file) and `json` (the file) added.
+    Returns (records, number skipped); no record left is an error.
     Media files are not opened here, so a 260k-record file loads fast; decoding errors surface in read_media."""
     try:
         with open(json_path, encoding="utf-8") as f:
@@ -90,18 +98,24 @@ def load_records(json_path, root=None, skip_bad=False) -> tuple[list[dict], int]
     if not isinstance(raw, list):
         raise DataError(f"{json_path}: expected a JSON list of records, got {type(raw).__name__}")
     root = os.path.dirname(os.path.abspath(json_path)) if root is None else root
-    records, skipped = [], 0
+    records = []
     for i, rec in enumerate(raw):
-        problem = _check_record(rec)
+        problem = _check_record(rec, required)
         if problem is not None:
-            message = f"{json_path} record {i}: {problem}"
-            if not skip_bad:
-                raise DataError(message)
-            print(f"warning: skipping {message}", file=sys.stderr)
-            skipped += 1
-            continue
-        records.append(dict(rec, path=os.path.abspath(os.path.join(root, rec["path"])), index=i))
-    return records, skipped
+            _skip(DataError(f"{json_path} record {i}: {problem}"), skip_bad)
+        else:
+            records.append(dict(rec, path=os.path.abspath(os.path.join(root, rec["path"])), index=i, json=json_path))
+    if not records:
+        raise DataError(f"{json_path}: no records to use: " + ("the list is empty" if not raw else
+                                                                f"all {len(raw)} were bad and skipped"))
+    return records, len(raw) - len(records)
+
+
+def _skip(err, skip_bad):
+    """The one path of a bad record or example: skipped with a line on stderr under skip_bad, else an error."""
+    if not skip_bad:
+        raise err
+    print(f"skipped: {err}", file=sys.stderr)
 
 # ----------------------------------------------------------------------------- media
 
@@ -149,8 +163,8 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         total, avg_fps = len(vr), vr.get_avg_fps()
         if total < TEMPORAL_PATCH:
             raise DataError(f"{path}: {total}-frame video: a video needs at least {TEMPORAL_PATCH} frames")
-        if not avg_fps > 0:
-            raise DataError(f"{path}: the video reports no frame rate ({avg_fps})")
+        if not MIN_VIDEO_FPS <= avg_fps <= MAX_VIDEO_FPS:
+            raise DataError(f"{path}: broken timing: {avg_fps:.3g} fps, outside [{MIN_VIDEO_FPS}, {MAX_VIDEO_FPS}]")
         duration = total / avg_fps
         n = _num_frames(total, duration, fps, min_frames, max_frames)
         indices = np.linspace(0, total - 1, n).round().astype(int)
@@ -166,9 +180,12 @@ def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.n
     if not os.path.isfile(path):
         raise DataError(f"{path}: image file not found")
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError / truncated data / bad header fields
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+    # PIL: UnidentifiedImageError / truncated data / bad header fields / a header claiming gigapixels
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
     return np.repeat(_resize(rgb[None], path, min_pixels, max_pixels), TEMPORAL_PATCH, axis=0)
 
@@ -234,19 +251,28 @@ def question_text(record) -> str:
     return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
 
 
-def chat_prompt(question, clip) -> str:
-    """Qwen2.5-VL's chat template for one user turn (media first, then text) with the generation prompt, the media
-    placeholder expanded to one pad token per merged patch, as the processor does."""
-    pad = VIDEO_PAD if clip.is_video else IMAGE_PAD
-    media = "<|vision_start|>" + pad * clip.num_tokens + "<|vision_end|>"
-    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}{question}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+def chat_template(clip) -> tuple[str, str]:
+    """Qwen2.5-VL's chat template for one user turn (media first, then text) with the generation prompt: the text
+    (before, after) the question; the media placeholder has one pad token per merged patch, as the processor's."""
+    media = "<|vision_start|>" + (VIDEO_PAD if clip.is_video else IMAGE_PAD) * clip.num_tokens + "<|vision_end|>"
+    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}",
+            "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def encode_prompt(tokenizer, record, clip) -> tuple[list[int], list[int]]:
+def encode_plain(tokenizer, text) -> list[int]:
+    """Token ids of text from the data as plain text: an "<|im_end|>" in a scraped question stays characters, never a
+    control token; only the chat template's own markers are special tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def encode_prompt(tokenizer, record, clip, max_tokens) -> tuple[list[int], list[int]]:
     """Prompt token ids and their mm_token_type_ids (0 text, 1 image pad, 2 video pad), which Qwen2.5-VL needs to
-    give the media tokens 3-D positions."""
-    ids = tokenizer(chat_prompt(question_text(record), clip), add_special_tokens=False)["input_ids"]
+    give the media tokens 3-D positions. Template and question are encoded apart (encode_plain): the same ids as the
+    whole prompt string's when the question holds no special token, as the tokenizer splits text at them first."""
+    before, after = (tokenizer(text, add_special_tokens=False).input_ids for text in chat_template(clip))
+    ids = before + encode_plain(tokenizer, question_text(record)) + after
+    if len(ids) > max_tokens:
+        raise DataError(f"prompt of {len(ids)} tokens exceeds max_prompt_tokens={max_tokens}")
     type_of = {tokenizer.convert_tokens_to_ids(tok): kind for tok, kind in MM_TYPE.items()}
     mm_types = [type_of.get(i, 0) for i in ids]
     pads = mm_types.count(MM_TYPE[VIDEO_PAD if clip.is_video else IMAGE_PAD])
@@ -256,48 +282,37 @@ def encode_prompt(tokenizer, record, clip) -> tuple[list[int], list[int]]:
 
 def sft_target(record) -> str:
     """The SFT completion: the chain of thought, then the answer (DETAILS.md, "The prompt")."""
-    if "process" not in record:
-        raise DataError(f"record {record.get('index', '?')} ({record['path']}): 'process' missing for the SFT target")
     return record["process"] + "\n" + record["solution"]
 
 
-def frame_limits(config) -> dict:
-    """The frame sampling and pixel limits of a script's config, as read_media takes them."""
-    return {key: config[key] for key in FRAME_LIMITS}
-
-
 def epoch_slice(records, first, count, seed):
-    """records[first : first + count] of an endless stream that reshuffles every epoch (seeded): the data position
-    is a plain number, so a resumed run needs no data-loader state."""
-    picks = []
-    for i in range(first, first + count):
-        epoch, offset = divmod(i, len(records))
-        picks.append(records[np.random.default_rng([seed, epoch]).permutation(len(records))[offset]])
-    return picks
+    """records[first : first + count] of an endless stream that reshuffles every epoch i // n (seeded): the data
+    position is a plain number, so a resumed run needs no data-loader state."""
+    n = len(records)
+    return [records[np.random.default_rng([seed, i // n]).permutation(n)[i % n]] for i in range(first, first + count)]
 
 
-def load_examples(records, tokenizer, limits, skip_bad, contrast_rng=None, contrast="shuffle"):
-    """load_example for each record -> [(record, prompt, clip, contrast_clip)], and how many were skipped: with
-    skip_bad a record whose media fail is reported on stderr and counted, otherwise its DataError stops the run."""
-    examples, skipped = [], 0
+def load_examples(records, tokenizer, config, skip_bad, contrast_rng=None, contrast="shuffle"):
+    """load_example for each record -> [(record, prompt, clip, contrast_clip)], and how many were skipped (_skip)."""
+    examples = []
     for record in records:
         try:
-            examples.append((record, *load_example(record, tokenizer, limits, contrast_rng, contrast)))
+            examples.append((record, *load_example(record, tokenizer, config, contrast_rng, contrast)))
         except DataError as err:
-            if not skip_bad:
-                raise
-            print(f"skipped: {err}", file=sys.stderr)
-            skipped += 1
-    return examples, skipped
+            _skip(err, skip_bad)
+    return examples, len(records) - len(examples)
 
 
-def load_example(record, tokenizer, limits, contrast_rng=None, contrast="shuffle"):
+def load_example(record, tokenizer, config, contrast_rng=None, contrast="shuffle"):
     """Everything a step needs from one record: (prompt ids, mm types), the clip, and for a video when
     `contrast_rng` is given the contrast clip (shuffled or reversed frames; same token count, so the same prompt).
-    `limits`: read_media's fps/min_frames/max_frames/min_pixels/max_pixels."""
-    frames, fps = read_media(record, **limits)
-    clip = make_clip(frames, fps)
-    contrast_clip = None
-    if contrast_rng is not None and clip.is_video:
-        contrast_clip = make_clip(contrast_frames(frames, contrast_rng, contrast), fps)
-    return encode_prompt(tokenizer, record, clip), clip, contrast_clip
+    `config`: a script's, for its FRAME_LIMITS and max_prompt_tokens. A DataError names the JSON file and record."""
+    try:
+        frames, fps = read_media(record, **{key: config[key] for key in FRAME_LIMITS})
+        clip = make_clip(frames, fps)
+        contrast_clip = None
+        if contrast_rng is not None and clip.is_video:
+            contrast_clip = make_clip(contrast_frames(frames, contrast_rng, contrast), fps)
+        return encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"]), clip, contrast_clip
+    except DataError as err:
+        raise DataError(f"{record['json']} record {record['index']}: {err}") from err

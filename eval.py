@@ -7,8 +7,9 @@ also answers each video question on its frames shuffled: a model that uses frame
     python eval.py --model_path=out/sft --shuffled=True
     torchrun --nproc_per_node 8 eval.py --model_path=ckpt --data=eval_vsibench.json,eval_mvbench.json --max_frames=32
 
-Answers are appended to out_dir/results.rank{R}.jsonl batch by batch, so a killed run restarts where it stopped. A
-sample whose media fail, or whose batch runs out of memory, is a result too: failed, with its reason, scoring 0.
+Answers are appended to out_dir/results.rank{R}.jsonl batch by batch, so a killed run restarts where it stopped. No
+skip_bad: a sample whose media fail or prompt is too long, or whose batch runs out of memory, is a failed result,
+with its reason, scoring 0; a record with a bad field stops the run at load.
 Unlike the official eval, a response without <answer> tags answers "" (there the whole response is the answer).
 """
 import glob
@@ -38,13 +39,13 @@ max_pixels = 256 * 28 * 28           # the paper's inference: 256*28*28 pixels p
 temperature = 0.0                    # 0: greedy; the paper's 0.01 / top-p 0.001 is greedy in effect; official eval 0.1
 top_p = 1.0
 max_new_tokens = 256                 # paper scale: 1024, as the official eval
+max_prompt_tokens = 16384            # a longer prompt fails its sample alone (64 frames x 256*28*28 px: 8k tokens)
 batch_size = 8                       # prompts (ordered and shuffled) per generate call
 seed = 0                             # the shuffled frame order of each record, and sampling when temperature > 0
 attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
 shuffled = False                     # also answer each video question on its frames shuffled (temporal reliance)
 # -----------------------------------------------------------------------------
-config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [])
-LIMITS = D.frame_limits(config)
+config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))
 GROUP_FIELDS = ("data_source", "category", "family", "temporal")  # record fields the table breaks a benchmark down by
 
 
@@ -102,7 +103,7 @@ def run_batch(model, tokenizer, items, generator, device):
         if k[:2] not in loaded:  # a record's ordered and shuffled samples share one decode; the shuffled order is
             rng = np.random.default_rng([seed, k[1]]) if shuffled else None  # seeded per record, not per batch or rank
             try:
-                loaded[k[:2]] = D.load_example(record, tokenizer, LIMITS, rng, "shuffle")
+                loaded[k[:2]] = D.load_example(record, tokenizer, config, rng, "shuffle")
             except D.DataError as err:
                 loaded[k[:2]] = err
         if isinstance(loaded[k[:2]], D.DataError):
@@ -154,18 +155,12 @@ def all_results():
     return [r for path in sorted(glob.glob(os.path.join(out_dir, "results.rank*.jsonl"))) for r in read_results(path)]
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def check_settings(settings):
     """Resume only a run of the same settings, so answers of another checkpoint or frame count never mix in."""
     path = os.path.join(out_dir, "run.json")
     if C.RANK == 0 and not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
-        write_atomic(path, json.dumps(settings, indent=1))
+        C.write_atomic(path, json.dumps(settings, indent=1))
     C.barrier()
     with open(path) as f:
         stored = json.load(f)
@@ -261,7 +256,7 @@ if __name__ == "__main__":
     if C.RANK == 0:
         merged = {key(r): r for r in all_results()}
         summary = summarize([merged[k] for k, _ in items], paths, settings)  # a KeyError names a lost sample
-        write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
-        write_atomic(os.path.join(out_dir, "table.md"), table(summary))
+        C.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+        C.write_atomic(os.path.join(out_dir, "table.md"), table(summary))
         print(table(summary), flush=True)
     C.finish()

@@ -7,6 +7,7 @@ import transformers
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLForConditionalGeneration
 
 transformers.utils.logging.disable_progress_bar()  # one line per step is the log; no bars
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels the scripts' `attn` may name
 
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):

@@ -16,6 +16,7 @@ import sys
 import time
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 import common as C
 import data
 import model as M
@@ -38,12 +39,13 @@ min_lr_ratio = 0.1
 weight_decay = 0.01                  # the paper's
 grad_clip = 5.0                      # the paper's max grad norm
 max_target_tokens = 768              # the paper's: longer targets are truncated (counted in the log)
+max_prompt_tokens = 1024             # a longer prompt is a bad record (synthetic prompts: <= 250; paper scale 16384)
 fps = 2.0                            # frame sampling: fps, frame count limits, per-frame pixel limits
 min_frames = 4
 max_frames = 16
 min_pixels = 4 * 28 * 28
 max_pixels = 128 * 28 * 28
-skip_bad = False                     # True: a bad record or undecodable clip is skipped and counted, not fatal
+skip_bad = False                     # True: a bad record, clip or prompt is skipped and counted, not fatal
 eval_interval = 100                  # validation loss every N steps
 ckpt_interval = 500                  # checkpoint every N steps (and at the end)
 log_interval = 50
@@ -53,8 +55,7 @@ attn = "sdpa"                        # attention kernel: "sdpa", or "flash_atten
 grad_ckpt = False                    # gradient checkpointing (paper scale)
 deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) to use ZeRO; "" = plain torch
 # -----------------------------------------------------------------------------
-config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [])
-LIMITS = data.frame_limits(config)
+config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))
 
 
 def ensure_default_inputs():
@@ -68,22 +69,19 @@ def ensure_default_inputs():
 
 
 def make_batch(model, records, tokenizer, device):
-    """Prompts with their media, and the SFT targets as completions; a record whose media fail is skipped and
-    counted only when skip_bad is set. Returns (batch, target ids, target mask, skipped, truncated) or Nones."""
-    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad)
-    prompts = [prompt for _, prompt, _, _ in examples]
-    clips = [clip for _, _, clip, _ in examples]
-    targets = [tokenizer(data.sft_target(r) + "<|im_end|>", add_special_tokens=False).input_ids for r, *_ in examples]
-    if not prompts:
+    """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions; a bad example is
+    skipped and counted under skip_bad. Returns (batch, target ids, target mask, skipped, truncated) or Nones."""
+    examples, skipped = data.load_examples(records, tokenizer, config, skip_bad)
+    if not examples:
         return None, None, None, skipped, 0
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    targets = [torch.tensor(data.encode_plain(tokenizer, data.sft_target(r)) + [end]) for r, *_ in examples]
     truncated = sum(len(t) > max_target_tokens for t in targets)
     targets = [t[:max_target_tokens] for t in targets]
-    T = max(len(t) for t in targets)
-    ids = torch.full((len(targets), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(targets), T, dtype=torch.long)
-    for i, t in enumerate(targets):
-        ids[i, :len(t)], mask[i, :len(t)] = torch.tensor(t), 1
+    ids = pad_sequence(targets, batch_first=True, padding_value=tokenizer.pad_token_id)
+    mask = pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)
     tps = M.unwrap(model).config.vision_config.tokens_per_second
+    prompts, clips = [prompt for _, prompt, _, _ in examples], [clip for _, _, clip, _ in examples]
     batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tps, device)
     return batch, ids.to(device), mask.to(device), skipped, truncated
 
@@ -96,25 +94,30 @@ def sft_loss(model, batch, target_ids, target_mask):
 
 @torch.no_grad()
 def validation_loss(model, val, tokenizer, device):
-    totals = torch.zeros(2, device=device)  # (sum of token NLL, token count) over this rank's shard
+    totals = torch.zeros(3, device=device)  # (sum of token NLL, token count, skipped) over this rank's shard
     for start in range(C.RANK * batch_size, len(val), batch_size * C.WORLD):
-        batch, ids, mask, _, _ = make_batch(model, val[start:start + batch_size], tokenizer, device)
+        batch, ids, mask, skipped, _ = make_batch(model, val[start:start + batch_size], tokenizer, device)
+        totals[2] += skipped
         if batch is not None:
             with C.autocast(device):
-                totals += torch.stack([-(M.completion_logprobs(model, batch, ids, mask) * mask).sum(), mask.sum()])
+                totals[:2] += torch.stack([-(M.completion_logprobs(model, batch, ids, mask) * mask).sum(), mask.sum()])
     if C.WORLD > 1:
         torch.distributed.all_reduce(totals)
-    return (totals[0] / totals[1]).item()
+    return (totals[0] / totals[1]).item(), int(totals[2])
 
 
 if __name__ == "__main__":
     device = C.setup_distributed()
     torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
     ensure_default_inputs()
-    records, bad = data.load_records(train_json or os.path.join(data_dir, "sft.json"), media_root or None, skip_bad)
-    assert len(records) > val_records, f"{len(records)} records: too few to hold out {val_records} for validation"
+    path = train_json or os.path.join(data_dir, "sft.json")
+    records, bad = data.load_records(path, media_root or None, skip_bad, required=("process",))
+    if len(records) <= val_records:
+        raise data.DataError(f"{path}: {len(records)} usable records, too few to hold out val_records={val_records}")
     train, val = records[:-val_records], records[-val_records:]
     ckpt = C.latest_checkpoint(out_dir) if resume else None
+    if resume and not ckpt:
+        C.print0(f"WARNING: resume=True but {out_dir} holds no checkpoint: starting at step 0")
     # DeepSpeed keeps fp32 master weights itself; plain torch trains fp32 weights under bf16 autocast
     dtype = torch.bfloat16 if (torch.device(device).type == "cuda" and deepspeed) else torch.float32
     model, tokenizer = M.load_model(ckpt or model_path, device, grad_ckpt, attn, dtype)
@@ -123,10 +126,10 @@ if __name__ == "__main__":
     start = C.load_training_state(ckpt, opt)["step"] if ckpt else 0
     C.print0(f"{len(train)} train / {len(val)} val records ({bad} bad skipped), "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, start at step {start}")
-    os.makedirs(out_dir, exist_ok=True)
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if C.RANK == 0 else None
+    log = C.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
     model.train()
-    for step in range(start, min(max_steps, start + run_steps) if run_steps else max_steps):
+    stop, skipped_total = min(max_steps, start + run_steps) if run_steps else max_steps, 0
+    for step in range(start, stop):
         t0, lr_now = time.time(), C.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
         losses, skipped, truncated, tokens = [], 0, 0, 0
         for micro in range(grad_accum):
@@ -142,18 +145,21 @@ if __name__ == "__main__":
             losses.append(loss.item())
             tokens += int(mask.sum())
         grad_norm = opt.step(lr_now)
+        counts = C.mean_over_ranks([tokens, skipped, truncated], device)
+        tokens, skipped, truncated = (round(n * C.WORLD) for n in counts)  # sums over ranks
+        skipped_total += skipped
         metrics = {"step": step + 1, "loss": float(np.mean(losses)) if losses else math.nan, "lr": lr_now,
-                   "grad_norm": grad_norm, "target_tokens": tokens, "skipped": skipped, "truncated": truncated,
-                   "step_time": time.time() - t0}
+                   "grad_norm": grad_norm, "target_tokens": tokens, "skipped": skipped, "skipped_at_load": bad,
+                   "truncated": truncated, "step_time": time.time() - t0}
         if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
             model.eval()
-            metrics["val_loss"] = validation_loss(model, val, tokenizer, device)
+            metrics["val_loss"], metrics["val_skipped"] = validation_loss(model, val, tokenizer, device)
             model.train()
         if log:
             log.write(json.dumps(metrics) + "\n")
-            log.flush()
         if (step + 1) % log_interval == 0 or "val_loss" in metrics:
             C.print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-        if (step + 1) % ckpt_interval == 0 or step + 1 == max_steps or step + 1 == start + run_steps:
+        if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
             C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, model, tokenizer, opt, config))
+    C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total} examples in steps")
     C.finish()

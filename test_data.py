@@ -1,5 +1,6 @@
 """Tests of data.py: record validation, frame sampling, resizing, Qwen's patch layout, prompts."""
 import json
+import zlib
 from pathlib import Path
 import av
 import numpy as np
@@ -74,6 +75,15 @@ BAD_CASES = [  # (change to the multiple choice record, the field the message mu
     (lambda r: r.update(solution=3), "solution"),
     (lambda r: r.update(problem=""), "problem"),
     (lambda r: r.update(process=["<think>"]), "process"),
+    # ground truth every rollout would be scored against: a regression/numerical answer must be a finite number, a
+    # multiple choice one an option letter (else every rollout scores 0, or eval crashes without naming the record)
+    (lambda r: r.update(problem_type="regression", solution="<answer>nan</answer>"), "solution"),
+    (lambda r: r.update(problem_type="regression", solution="<answer>1e999</answer>"), "solution"),
+    (lambda r: r.update(problem_type="numerical", solution="<answer>inf</answer>"), "solution"),
+    (lambda r: r.update(problem_type="numerical", solution="<answer>three</answer>"), "solution"),
+    (lambda r: r.update(problem_type="numerical", solution="3"), "solution"),  # no <answer> tag: the answer is ""
+    (lambda r: r.update(solution="<answer>E</answer>"), "solution"),
+    (lambda r: r.update(solution="<answer>B. right</answer>"), "solution"),
 ]
 
 
@@ -96,6 +106,19 @@ def test_skip_bad_counts_and_warns(tmp_path, capsys):
     assert skipped == 2 and [r["index"] for r in records] == [1, 3]
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2 and "record 0" in warnings[0] and "record 2" in warnings[1]
+
+
+def test_good_ground_truth_passes(tmp_path):
+    records = good_records() + [dict(good_records()[1], problem_type="regression", solution="<answer>-1,200.5</answer>")]
+    assert len(data.load_records(write_json(tmp_path / "rl.json", records))[0]) == 3
+
+
+def test_no_records_left_names_the_file_and_why(tmp_path):
+    with pytest.raises(DataError, match="empty.json: no records to use: the list is empty"):
+        data.load_records(write_json(tmp_path / "empty.json", []), skip_bad=True)
+    bad = [dict(r, data_type="audio") for r in good_records()]
+    with pytest.raises(DataError, match="bad.json: no records to use: all 2 were bad and skipped"):
+        data.load_records(write_json(tmp_path / "bad.json", bad), skip_bad=True)
 
 
 @pytest.mark.parametrize("content", ['{"problem": "x"}', "[{", ""])
@@ -178,6 +201,20 @@ def _bad_media(tmp_path, kind):
         return tmp_path / "half.mp4", data.read_video
     if kind == "1-frame video":
         return write_mp4(tmp_path / "single.mp4", 1, 5), data.read_video
+    if kind == "timescale 0":  # mdhd timescale 0: decord reports ~2e-4 fps and returns frame 0 for every index
+        mp4 = bytearray(write_mp4(tmp_path / "clip.mp4", 16, 4).read_bytes())
+        at = mp4.find(b"mdhd") + 4 + 4 + (16 if mp4[mp4.find(b"mdhd") + 4] == 1 else 8)  # version+flags, times
+        mp4[at:at + 4] = (0).to_bytes(4, "big")
+        (tmp_path / "timescale0.mp4").write_bytes(bytes(mp4))
+        return tmp_path / "timescale0.mp4", data.read_video
+    if kind.endswith("pixel image"):  # a 65-byte PNG whose header claims 20000x20000 (or 10000x10000) pixels
+        side = 20000 if kind.startswith("400M") else 10000
+        chunk = lambda kind, body: (len(body).to_bytes(4, "big") + kind + body +
+                                    zlib.crc32(kind + body).to_bytes(4, "big"))
+        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])) +
+               chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+        (tmp_path / "bomb.png").write_bytes(png)
+        return tmp_path / "bomb.png", data.read_image
     if kind == "corrupt image":
         (tmp_path / "noise.png").write_bytes(np.random.default_rng(0).bytes(500))
         return tmp_path / "noise.png", data.read_image
@@ -185,14 +222,37 @@ def _bad_media(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["missing video", "text as mp4", "truncated", "truncated, index first",
-                                  "1-frame video", "corrupt image", "missing image"])
+                                  "1-frame video", "timescale 0", "corrupt image", "missing image",
+                                  "400M-pixel image", "100M-pixel image"])
 def test_bad_media_names_the_file(tmp_path, kind):
     path, reader = _bad_media(tmp_path, kind)
     with pytest.raises(DataError) as err:
         reader(str(path))
     assert path.name in str(err.value)
-    if kind == "1-frame video":
-        assert "1-frame video: a video needs at least 2 frames" in str(err.value)
+    expected = {"1-frame video": "1-frame video: a video needs at least 2 frames", "timescale 0": "broken timing",
+                "400M-pixel image": "decompression bomb", "100M-pixel image": "decompression bomb"}
+    assert expected.get(kind, "") in str(err.value)
+    if kind == "400M-pixel image":
+        assert path.stat().st_size < 100  # a few bytes claim 1.2 GB of pixels
+
+
+def test_load_example_errors_name_the_json_record_and_media(tmp_path, tokenizer):
+    records = good_records()
+    records[1]["path"] = "imgs/missing.png"
+    record = data.load_records(write_json(tmp_path / "rl.json", records))[0][1]
+    config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
+                  max_prompt_tokens=1000)
+    with pytest.raises(DataError, match=r"rl.json record 1: .*imgs/missing.png: image file not found"):
+        data.load_example(record, tokenizer, config)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(tmp_path / "imgs" / "missing.png")
+    prompt, clip, _ = data.load_example(record, tokenizer, config)
+    assert len(prompt[0]) < 1000
+    record["problem"] = "How many dots? " * 400  # over max_prompt_tokens: a bad record, named
+    with pytest.raises(DataError, match=r"rl.json record 1: prompt of \d+ tokens exceeds max_prompt_tokens=1000"):
+        data.load_example(record, tokenizer, config)
+    examples, skipped = data.load_examples([record], tokenizer, config, skip_bad=True)
+    assert examples == [] and skipped == 1
 
 
 def test_read_media_dispatches(tmp_path):
@@ -286,13 +346,15 @@ def test_encode_prompt_marks_media_tokens(tokenizer, is_video):
     record = good_records()[0 if is_video else 1]
     frames = np.zeros((4 if is_video else 2, 56, 84, 3), np.uint8)
     clip = data.make_clip(frames, 2.0 if is_video else None)
-    ids, mm_types = data.encode_prompt(tokenizer, record, clip)
+    ids, mm_types = data.encode_prompt(tokenizer, record, clip, max_tokens=1000)
     pad = "<|video_pad|>" if is_video else "<|image_pad|>"
     pad_id = tokenizer.convert_tokens_to_ids(pad)
     assert len(ids) == len(mm_types) and ids.count(pad_id) == clip.num_tokens
     assert mm_types == [(2 if is_video else 1) if i == pad_id else 0 for i in ids]
-    prompt = data.chat_prompt(data.question_text(record), clip)
+    before, after = data.chat_template(clip)
+    prompt = before + data.question_text(record) + after
     assert tokenizer.decode(ids) == prompt
+    assert ids == tokenizer(prompt, add_special_tokens=False).input_ids  # template and text encoded apart: same ids
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                              "<|vision_start|>" + pad)
     assert prompt.endswith(pad + "<|vision_end|>" + data.question_text(record) +
@@ -300,7 +362,38 @@ def test_encode_prompt_marks_media_tokens(tokenizer, is_video):
 
 
 def test_sft_target(tmp_path):
-    records, _ = data.load_records(write_json(tmp_path / "cot.json", good_records()))
+    path = write_json(tmp_path / "cot.json", good_records())
+    records, _ = data.load_records(path)
     assert data.sft_target(records[1]) == "<think>I count 3.</think>\n<answer>3</answer>"
-    with pytest.raises(DataError, match="record 0.*'process'"):
-        data.sft_target(records[0])
+    with pytest.raises(DataError, match="cot.json record 0: 'process' missing"):  # SFT data needs the process
+        data.load_records(path, required=("process",))
+    records, skipped = data.load_records(path, skip_bad=True, required=("process",))
+    assert skipped == 1 and [r["index"] for r in records] == [1]
+
+
+# every special token of Qwen2.5-VL's tokenizer (the test tokenizer has the first seven; the others stay text anyway)
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+                "<|quad_start|>", "<|quad_end|>", "<|vision_pad|>"]
+
+
+@pytest.mark.parametrize("is_video", [True, False])
+def test_special_tokens_in_the_data_stay_plain_text(tokenizer, is_video):
+    """A scraped question holding <|im_end|> or <|video_pad|> must not end the turn or add media slots: only the chat
+    template's own markers are control tokens."""
+    assert set(tokenizer.all_special_tokens) <= set(QWEN_SPECIAL)
+    injected = "".join(QWEN_SPECIAL)
+    record = dict(good_records()[0 if is_video else 1], problem=f"Is {injected} here?\n{injected}")
+    if is_video:
+        record["options"] = [f"A. {injected}", "B. right"]
+    clip = data.make_clip(np.zeros((4 if is_video else 2, 56, 84, 3), np.uint8), 2.0 if is_video else None)
+    ids, mm_types = data.encode_prompt(tokenizer, record, clip, max_tokens=10_000)
+    before, after = data.chat_template(clip)
+    assert tokenizer.decode(ids) == before + data.question_text(record) + after
+    n_before, n_after = (len(tokenizer(text, add_special_tokens=False).input_ids) for text in (before, after))
+    text_ids = ids[n_before:len(ids) - n_after]
+    assert tokenizer.decode(text_ids) == data.question_text(record)
+    assert not set(text_ids) & set(tokenizer.all_special_ids)
+    assert mm_types.count(2 if is_video else 1) == clip.num_tokens and mm_types.count(2 if not is_video else 1) == 0
+    control = lambda token: ids.count(tokenizer.convert_tokens_to_ids(token))
+    assert (control("<|im_start|>"), control("<|im_end|>"), control("<|vision_start|>")) == (3, 2, 1)  # the template's

@@ -119,23 +119,31 @@ def test_resume_after_a_crash_mid_file(toy, shuffled_run, tmp_path):
     assert refused.returncode != 0 and "other settings" in refused.stderr
 
 
-def test_a_missing_clip_is_a_counted_failure(toy, tmp_path):
+def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path):
     data_dir, _ = toy
     records = json.load(open(os.path.join(data_dir, "eval.json")))[:6]
     bad = next(i for i, r in enumerate(records) if r["data_type"] == "video")
     records[bad]["path"] = "./videos/missing.mp4"
+    records[bad + 1]["problem"] = "Which colour comes first? " * 400  # over max_prompt_tokens: fails, its batch not
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(records))
-    summary, stdout = run_eval(toy, tmp_path / "out", f"--data={bench}", f"--media_root={data_dir}")
-    assert summary["samples"] == 6 and summary["failed"] == 1
-    (failure,) = summary["failures"]
-    assert failure["index"] == bad and "missing.mp4" in failure["reason"] and "not found" in failure["reason"]
+    summary, stdout = run_eval(toy, tmp_path / "out", f"--data={bench}", f"--media_root={data_dir}",
+                               "--max_prompt_tokens=1024")
+    assert summary["samples"] == 6 and summary["failed"] == 2
+    missing, long = summary["failures"]
+    assert missing["index"] == bad and f"{bench} record {bad}: " in missing["reason"]
+    assert "missing.mp4" in missing["reason"] and "not found" in missing["reason"]
+    assert long["index"] == bad + 1 and "tokens exceeds max_prompt_tokens=1024" in long["reason"]
     results = results_by_key(tmp_path / "out")
-    assert all(r["response"] is not None and r["failed"] is None for k, r in results.items() if k[1] != bad)
+    assert all(r["response"] is not None and r["failed"] is None for k, r in results.items() if k[1] not in (bad, bad + 1))
     whole = summary["benchmarks"]["bench"]["all"]
-    assert whole["records"] == 6 and whole["failed"] == 1   # in the denominator, as 0
+    assert whole["records"] == 6 and whole["failed"] == 2   # in the denominator, as 0
     assert whole["score"] == pytest.approx(sum(r["score"] for r in results.values()) / 6)
-    assert "1 of 6 samples failed" in stdout and "| bench | all | 6 | 1 |" in stdout
+    assert "2 of 6 samples failed" in stdout and "| bench | all | 6 | 2 |" in stdout
+    records[bad]["solution"], records[bad]["problem_type"] = "<answer>nan</answer>", "regression"
+    bench.write_text(json.dumps(records))  # a ground truth no answer can match: refused at load, named
+    refused = run_eval(toy, tmp_path / "nan", f"--data={bench}", f"--media_root={data_dir}", check=False)
+    assert refused.returncode != 0 and f"{bench} record {bad}: 'solution' answer 'nan' is not a finite number" in refused.stderr
 
 
 def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):

@@ -1,8 +1,11 @@
-"""sft.py: the loss ignores exactly the prompt positions; resume continues bit-exactly."""
+"""sft.py: the loss ignores exactly the prompt positions; resume continues bit-exactly; bad data and config fail
+early or are counted; a failed checkpoint write leaves the previous one."""
+import errno
 import json
 import os
 import subprocess
 import sys
+import pytest
 import torch
 from safetensors.torch import load_file
 import data
@@ -40,18 +43,35 @@ def test_loss_ignores_exactly_the_prompt_positions(toy):
     assert abs(with_prompt.item() - ours.item()) > 1e-3
 
 
+def test_special_tokens_in_the_target_stay_plain_text(toy):
+    """process + solution are data: an <|im_end|> in them must not end the target early; only the appended one does."""
+    data_dir, model_path = toy
+    net, tok = M.load_model(model_path, "cpu")
+    record = data.load_records(os.path.join(data_dir, "sft.json"))[0][0]
+    record["process"] = "<think>" + "".join(tok.all_special_tokens) + "<|im_end|>so<|video_pad|></think>"
+    _, ids, mask, _, _ = sft.make_batch(net, [record], tok, "cpu")
+    target = ids[0, :int(mask.sum())].tolist()
+    assert tok.decode(target) == data.sft_target(record) + "<|im_end|>"
+    assert [i for i in target if i in tok.all_special_ids] == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert target[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
 def run_sft(toy, out_dir, *args):
     data_dir, model_path = toy
     cmd = [sys.executable, "sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}", f"--out_dir={out_dir}",
            "--max_steps=4", "--batch_size=2", "--grad_accum=2", "--val_records=8", "--eval_interval=2",
            "--warmup_steps=2", "--ckpt_interval=100", *args]
-    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    return subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                          text=True).stdout
 
 
 def test_resume_is_bit_exact(toy, tmp_path):
-    run_sft(toy, tmp_path / "straight")
+    stdout = run_sft(toy, tmp_path / "straight", "--resume=True")  # nothing to resume: said, then from step 0
+    assert f"WARNING: resume=True but {tmp_path / 'straight'} holds no checkpoint: starting at step 0" in stdout
     run_sft(toy, tmp_path / "split", "--run_steps=2")
     assert C.latest_checkpoint(str(tmp_path / "split")).endswith("step_000002")
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # steps 3 and 4 logged, then a kill before their
+        f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 5, "lo')  # checkpoint: redone
     run_sft(toy, tmp_path / "split", "--resume=True")
     a = load_file(tmp_path / "straight" / "step_000004" / "model.safetensors")
     b = load_file(tmp_path / "split" / "step_000004" / "model.safetensors")
@@ -78,3 +98,95 @@ def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
             assert bad.split("=")[0][2:] in str(e) or "expected" in str(e)
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_skips_of_every_cause_are_counted(toy, tmp_path):
+    """skip_bad: a record without `process` (at load) and a missing clip (in a step) are skipped, each counted in
+    metrics.jsonl and in the final line."""
+    data_dir, _ = toy
+    records = json.load(open(os.path.join(data_dir, "sft.json")))[:20]  # 12 train records: all drawn in 4 steps
+    del records[0]["process"]
+    records[1]["path"] = "./videos/gone.mp4"
+    records[1]["data_type"] = "video"
+    cot = tmp_path / "cot.json"
+    cot.write_text(json.dumps(records))
+    stdout = run_sft(toy, tmp_path / "out", f"--train_json={cot}", f"--media_root={data_dir}", "--skip_bad=True")
+    metrics = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert all(m["skipped_at_load"] == 1 for m in metrics)
+    skipped = sum(m["skipped"] for m in metrics)  # record 1 drawn once in each of the two epochs' first 16 draws
+    assert skipped >= 1 and metrics[-1]["val_skipped"] == 0
+    assert f"done: steps 1-4; skipped 1 bad records at load, {skipped} examples in steps" in stdout
+
+
+def test_disk_full_during_a_checkpoint(tiny, tmp_path, monkeypatch):
+    """A failed write says which checkpoint failed and that the previous one is intact, and leaves no .tmp folder."""
+    net, tok, _ = tiny
+    opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
+    first = C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {"lr": 1e-3})
+    for err in [OSError(errno.ENOSPC, "No space left on device"),
+                RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")]:
+        monkeypatch.setattr(torch, "save", lambda *a, err=err, **k: (_ for _ in ()).throw(err))
+        with pytest.raises(RuntimeError) as failure:
+            C.save_checkpoint(str(tmp_path), 2, net, tok, opt, {"lr": 1e-3})
+        assert f"writing {tmp_path / 'step_000002'} failed" in str(failure.value)
+        assert f"the previous checkpoint is intact: {first}" in str(failure.value)
+        assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001"]
+        assert C.latest_checkpoint(str(tmp_path)) == first and M.load_model(first, "cpu")[0] is not None
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAIL_FAST = """
+import runpy, sys
+import model
+def refuse(*args, **kwargs):
+    raise SystemExit("a model was loaded")
+model.load_model = refuse
+for argv in {cases!r}:
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except BaseException as err:
+        print(argv[0], argv[1], "->", type(err).__name__, str(err).splitlines()[0], flush=True)
+"""
+
+
+def test_bad_config_and_data_fail_before_any_model_loads(tmp_path):
+    """Each case runs a script's __main__ with model.load_model refused: the error must come from the config or the
+    data check, never from a model that was loaded first."""
+    (tmp_path / "empty.json").write_text("[]")
+    record = {"problem": "?", "solution": "<answer>3</answer>", "path": "x.png", "data_type": "image",
+              "problem_type": "numerical", "process": "<think>.</think>"}
+    (tmp_path / "few.json").write_text(json.dumps([record] * 3))
+    (tmp_path / "no_process.json").write_text(json.dumps([{k: v for k, v in record.items() if k != "process"}] * 3))
+    nowhere = {"tgrpo.py": ["--init_from=/nowhere", "--data_dir=/nowhere"], "eval.py": ["--model_path=/nowhere"],
+               "sft.py": ["--model_path=/nowhere", "--data_dir=/nowhere"]}  # so the default run's builders stay idle
+    cases = {  # (script, argument): the start of the error
+        ("tgrpo.py", "--mu=abc"): "TypeError config mu: expected float, got 'abc'",
+        ("tgrpo.py", "--correct_threshold=high"): "TypeError config correct_threshold: expected float",
+        ("tgrpo.py", "--temporal_rule=x"): "ValueError config temporal_rule: 'x' is not one of ('paper', 'official')",
+        ("tgrpo.py", "--attn=fast"): "ValueError config attn: 'fast' is not one of",
+        ("tgrpo.py", "--num_generations=1"): "ValueError config num_generations: 1 is not one of range(2,",
+        ("sft.py", "--attn=fast"): "ValueError config attn: 'fast' is not one of",
+        ("eval.py", "--attn=flash"): "ValueError config attn: 'flash' is not one of",
+        ("tgrpo.py", f"--train_json={tmp_path / 'empty.json'}"): "DataError " + str(tmp_path / "empty.json") +
+        ": no records to use: the list is empty",
+        ("sft.py", f"--train_json={tmp_path / 'few.json'}"): "DataError " + str(tmp_path / "few.json") +
+        ": 3 usable records, too few to hold out val_records=64",
+        ("sft.py", f"--train_json={tmp_path / 'no_process.json'}"): "DataError " + str(tmp_path / "no_process.json") +
+        " record 0: 'process' missing",
+    }
+    argvs = [[script, arg, *nowhere[script]] for script, arg in cases]
+    result = subprocess.run([sys.executable, "-c", FAIL_FAST.format(cases=argvs)], cwd=HERE, capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(cases), result.stdout + result.stderr[-3000:]
+    for (script, arg), expected, line in zip(cases, cases.values(), lines):
+        assert line.startswith(f"{script} {arg} -> {expected}"), line
+
+
+def test_paper_configs_apply_to_their_scripts():
+    """Every key of configs/*.py exists in its script with the right type (a renamed key fails here, not on 8 GPUs)."""
+    import tgrpo
+    for script, names in ((sft, ["sft_paper.py"]), (tgrpo, ["tgrpo_paper.py", "tgrpo_official.py"])):
+        config = C.configure(dict(script.config), [os.path.join(HERE, "configs", name) for name in names])
+        assert config["max_prompt_tokens"] == 16384 and config["skip_bad"]

@@ -166,7 +166,8 @@ def test_plain_grpo_measures_p_but_pays_no_bonus(toy, monkeypatch):
     assert not any(s for _, s in rows) and len(batch.clips) == 1  # no contrast clip is even built
 
 
-def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None):
+def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None, stdout=None):
+    """metrics.jsonl of a tgrpo.py run (its stdout appended to the list `stdout` when given)."""
     data_dir, model_path = toy
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, "tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
@@ -175,13 +176,19 @@ def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if stdout is not None:
+        stdout.append(result.stdout)
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def test_resume_is_bit_exact(toy, tmp_path):
     straight = run_tgrpo(toy, tmp_path / "a")
     run_tgrpo(toy, tmp_path / "b", "--run_steps=2")
+    for name in ("metrics.jsonl", "samples.jsonl"):  # step 3 logged, then a kill before its checkpoint: redone
+        with open(tmp_path / "b" / name, "a") as f:
+            f.write('{"step": 3, "reward": 9.0}\n{"step": 4, "rew')
     resumed = run_tgrpo(toy, tmp_path / "b", "--resume=True")
+    assert [json.loads(line)["step"] for line in open(tmp_path / "b" / "samples.jsonl")] == []  # sample_interval 10
     a = load_file(tmp_path / "a" / "step_000004" / "model.safetensors")
     b = load_file(tmp_path / "b" / "step_000004" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -198,10 +205,19 @@ def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     records[1]["path"] = str(tmp_path / "broken.mp4")         # undecodable
     rl_json = tmp_path / "rl.json"
-    rl_json.write_text(json.dumps(records))
-    metrics = run_tgrpo(toy, tmp_path / "out", "--skip_bad=True", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
-    assert sum(m["skipped"] for m in metrics) >= 1 and all(np.isfinite(m["loss"]) for m in metrics)
-    with pytest.raises(AssertionError, match="gone.mp4|broken.mp4"):  # without skip_bad the same run stops, naming the file
+    rl_json.write_text(json.dumps(records + [dict(records[2], solution="<answer>nan</answer>", problem_type="numerical")]))
+    stdout = []
+    metrics = run_tgrpo(toy, tmp_path / "out", "--skip_bad=True", "--max_steps=24", "--run_steps=12", "--seed=1",
+                        rl_json=rl_json, stdout=stdout)
+    skipped = sum(m["skipped"] for m in metrics)
+    assert skipped >= 1 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert all(m["skipped_at_load"] == 1 for m in metrics)  # the nan ground truth, at load
+    assert f"done: steps 1-12; skipped 1 bad records at load, {skipped:g} examples in steps" in stdout[0]
+    # without skip_bad the nan ground truth stops the run at load, naming file, record and field ...
+    with pytest.raises(AssertionError, match=f"{rl_json} record {len(records)}: 'solution' answer 'nan'"):
+        run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
+    rl_json.write_text(json.dumps(records))  # ... and a bad clip in a step, naming the JSON file, record and clip
+    with pytest.raises(AssertionError, match=f"{rl_json} record [01]: .*(gone|broken).mp4"):
         run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
 
 

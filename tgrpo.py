@@ -56,7 +56,7 @@ out_dir = "out/tgrpo"
 seed = 0                             # all randomness of step s on rank r derives from (seed, s, r)
 max_steps = 120                      # ~2 min on 2 CPU cores for the default run
 batch_size = 4                       # prompts per device per step
-num_generations = 8                  # G: ordered rollouts per prompt (paper: 8)
+num_generations = 8                  # G: ordered rollouts per prompt (paper: 8); a group of 1 has no advantage
 num_contrast = 4                     # G~: contrast rollouts per video prompt (paper: G/2); 0: none
 temporal = True                      # False: plain GRPO, no temporal reward (the contrast rollouts still measure p~)
 temporal_rule = "paper"              # "paper" or "official" (rewards.temporal_bonus)
@@ -73,6 +73,7 @@ epsilon = 0.2                        # PPO clip range
 num_iterations = 1                   # updates per rollout batch; > 1 makes the clip act
 loss_norm = "sequence"               # "sequence" (official) or "token"
 max_new_tokens = 64                  # paper scale: 768
+max_prompt_tokens = 1024             # a longer prompt is a bad record (synthetic prompts: <= 250; paper scale 16384)
 temperature = 1.0                    # rollout sampling
 top_p = 1.0
 lr = 5e-5                            # paper scale: 1e-6
@@ -85,7 +86,7 @@ min_frames = 4
 max_frames = 16
 min_pixels = 4 * 28 * 28
 max_pixels = 128 * 28 * 28
-skip_bad = False                     # True: a bad record / undecodable clip is skipped and counted
+skip_bad = False                     # True: a bad record, clip or prompt is skipped and counted
 log_interval = 1
 sample_interval = 10                 # print and save a few episodes every N steps
 ckpt_interval = 60
@@ -97,8 +98,8 @@ deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(
     temporal_rule=tuple(rewards.RULES), length_rule=tuple(rewards.RULES), contrast=data.CONTRASTS,
-    bonus_to=rewards.BONUS_TO, loss_norm=("sequence", "token")))
-LIMITS = data.frame_limits(config)
+    bonus_to=rewards.BONUS_TO, loss_norm=("sequence", "token"), attn=M.ATTENTION, batch_size=range(1, 2**16),
+    num_generations=range(2, 2**16)))
 KL_LOG_RATIO_CLAMP = 10.0            # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
 
 
@@ -106,7 +107,7 @@ def rollout(policy, records, tokenizer, step, device):
     """Generate G ordered rollouts per prompt and G~ contrast ones per video prompt, in one batched call.
     Returns the examples kept, the rows (prompt index, is_contrast), the prompt batch and the completions."""
     rng = np.random.default_rng([seed, step, C.RANK])
-    examples, skipped = data.load_examples(records, tokenizer, LIMITS, skip_bad, rng if num_contrast else None,
+    examples, skipped = data.load_examples(records, tokenizer, config, skip_bad, rng if num_contrast else None,
                                            contrast)
     clips, encoded, row_clip, rows = [], [], [], []
     for i, (_, prompt, clip, contrast_clip) in enumerate(examples):
@@ -212,20 +213,13 @@ def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
     return {"loss": loss.item(), **stats, "grad_norm": grad_norm}
 
 
-def mean_over_ranks(values, device):
-    """Average each metric over ranks (NaN where no rank had a value, e.g. p with no video prompt)."""
-    t = torch.tensor([[v, 1.0] if not math.isnan(v) else [0.0, 0.0] for v in values], device=device,
-                     dtype=torch.float64)
-    if C.WORLD > 1:
-        torch.distributed.all_reduce(t)
-    return [s / n if n else math.nan for s, n in t.tolist()]
-
-
 if __name__ == "__main__":
     device = C.setup_distributed()
     torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
     train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
     ckpt = C.latest_checkpoint(out_dir) if resume else None
+    if resume and not ckpt:
+        C.print0(f"WARNING: resume=True but {out_dir} holds no checkpoint: starting at step 0")
     start_path = ckpt or C.latest_checkpoint(init_from) or init_from
     # DeepSpeed keeps fp32 master weights itself; plain torch trains fp32 weights under bf16 autocast
     dtype = torch.bfloat16 if (torch.device(device).type == "cuda" and deepspeed) else torch.float32
@@ -237,10 +231,8 @@ if __name__ == "__main__":
     start = C.load_training_state(ckpt, opt)["step"] if ckpt else 0
     C.print0(f"T-GRPO from {start_path}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} "
              f"rule={temporal_rule}, G={num_generations} G~={num_contrast}, start at step {start}")
-    os.makedirs(out_dir, exist_ok=True)
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if C.RANK == 0 else None
-    samples = open(os.path.join(out_dir, "samples.jsonl"), "a") if C.RANK == 0 else None
-    stop = min(max_steps, start + run_steps) if run_steps else max_steps
+    log, samples = (C.open_log(os.path.join(out_dir, name), start) for name in ("metrics.jsonl", "samples.jsonl"))
+    stop, skipped_total = min(max_steps, start + run_steps) if run_steps else max_steps, 0
     for step in range(start, stop):
         t0, lr_now = time.time(), C.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
         policy.eval()
@@ -263,13 +255,13 @@ if __name__ == "__main__":
         local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update,
                   "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
         names = sorted(local)
-        metrics = {"step": step + 1, **dict(zip(names, mean_over_ranks([local[k] for k in names], device))),
+        metrics = {"step": step + 1, **dict(zip(names, C.mean_over_ranks([local[k] for k in names], device))),
                    "lr": lr_now, "step_time": time.time() - t0}
         metrics["skipped"] *= C.WORLD  # a count, summed over ranks
         metrics["rollout_tokens_per_s"] *= C.WORLD
+        metrics["skipped_at_load"], skipped_total = bad, skipped_total + metrics["skipped"]
         if log:
             log.write(json.dumps(metrics) + "\n")
-            log.flush()
             if (step + 1) % log_interval == 0:
                 C.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
             if (step + 1) % sample_interval == 0 and examples:
@@ -282,7 +274,7 @@ if __name__ == "__main__":
                                "reward": None if rows[b][1] else float(reward_per_row[b])}
                     samples.write(json.dumps(episode) + "\n")
                     C.print0("sample:", json.dumps(episode))
-                samples.flush()
         if (step + 1) % ckpt_interval == 0 or step + 1 in (max_steps, stop):
             C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config))
+    C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
     C.finish()

@@ -14,6 +14,7 @@ warmup_steps = 100
 min_lr_ratio = 0.0
 max_frames = 16                    # the paper's training: 16 frames at 2 fps, <= 128*28*28 pixels per frame
 max_pixels = 128 * 28 * 28
+max_prompt_tokens = 16384          # 16 frames x 128 tokens + the question: ~2.2k; longer is a bad record
 skip_bad = True                    # a 165k-record run goes on past a broken clip; skips are counted in the log
 eval_interval = 500
 ckpt_interval = 1000
