@@ -2,16 +2,21 @@
 helpers and atomic checkpoints. Nothing here knows T-GRPO; tgrpo.py and model.py hold the algorithm."""
 import ast
 import contextlib
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import torch
 import torch.distributed as dist
-from model import load_model, unwrap
+import data
+from model import collate_prompts, load_model, unwrap
 
 SEED_BITS = 62  # a torch.Generator seed drawn from a numpy stream: 62 bits stay clear of int64's sign
+# the scripts' attention default: under sdpa the vision tower's window attention runs one call per window
+ATTN = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
 
@@ -103,8 +108,9 @@ def finish():
 
 
 def read_deepspeed_config(path):
-    """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per step (the scripts
-    accumulate by hand) and bf16 exactly when on GPU."""
+    """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per backward (the
+    scripts accumulate by hand, marking each step's last backward as DeepSpeed's boundary) and bf16 exactly when
+    on GPU."""
     with open(path) as f:
         ds = json.load(f)
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
@@ -123,12 +129,20 @@ class Optimizer:
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
         if deepspeed_config:
             import deepspeed
+            if not dist.is_initialized():  # no torchrun: one process, else DeepSpeed would look for MPI
+                os.environ.setdefault("LOCAL_RANK", "0")
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                                        rank=0, world_size=1)
             ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip}
             self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds)
             self.model = self.engine
 
-    def backward(self, loss):
-        if self.engine:
+    def backward(self, loss, last=True):
+        """Add the gradient of `loss`; last=False for every micro-batch of a step but its last, without which
+        DeepSpeed would replace the gradient at each backward instead of adding to it."""
+        if self.engine:  # the scripts run the engine's module directly, so do what engine.forward does first
+            self.engine.optimizer.clear_backward_seen_flag()
+            self.engine.set_gradient_accumulation_boundary(last)
             self.engine.backward(loss)
         else:
             loss.backward()
@@ -152,6 +166,17 @@ class Optimizer:
         return norm.item()
 
 
+def placeholder_batch(model, device):
+    """(prompt batch, completion ids, mask) for a rank whose records all failed: one row showing a one-token video,
+    one masked-out completion token. Its loss is 0 with zero gradients, yet every module runs forward and backward
+    as on real data, so the rank's DeepSpeed collectives (ZeRO-3 gathers weights module by module) stay in step."""
+    config = unwrap(model).config
+    clip = data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2), True, 1.0)
+    prompt = ([config.vision_start_token_id, config.video_token_id, config.vision_end_token_id], [0, 2, 0])
+    batch = collate_prompts([prompt], [clip], [0], 0, config.vision_config.tokens_per_second, device)
+    return batch, *torch.zeros(2, 1, 1, dtype=torch.long, device=device)
+
+
 def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
     if step < warmup_steps:
@@ -164,11 +189,13 @@ def is_zero3(model):
     return hasattr(model, "zero_optimization_stage") and model.zero_optimization_stage() == 3
 
 
-def gathered_for_generation(model):
-    """Under ZeRO-3 gather the full weights once for a whole rollout phase, not once per token per layer."""
+def generation_phase(model):
+    """Under ZeRO-3: the weights gathered once for the whole rollout phase and ZeRO-3's per-module hooks removed
+    for it (DeepSpeed's unwrap_model_for_generation). With the hooks on, every module call is a collective, so
+    ranks whose rows stop after different numbers of tokens fall out of step. Every rank must enter it."""
     if is_zero3(model):
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(model.module.parameters()))
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+        return unwrap_model_for_generation(model)
     return contextlib.nullcontext()
 
 
@@ -187,11 +214,13 @@ def frozen_reference(path, device, dtype, deepspeed_config="", attn="sdpa"):
 # ----------------------------------------------------------------------------- checkpoints, atomic
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=None):
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, keep=0, keep_weights=False):
     """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads, the
     optimizer/DeepSpeed state and the run config. It is built under a temporary name and renamed into place, and
     `latest` is replaced atomically after it, so a kill at any moment leaves the last good checkpoint whole.
-    No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank)."""
+    No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank). Then only the
+    newest `keep` checkpoints up to this step stay whole (0: all); older ones keep their HF weights if keep_weights,
+    else go."""
     check_in_sync(optimizer.model)
     final = os.path.join(out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -201,7 +230,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
     barrier()
     try:
         if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
-            optimizer.engine.save_checkpoint(tmp, tag="deepspeed")
+            optimizer.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)  # step_N/latest: ours
             zero3 = optimizer.engine.zero_optimization_stage() == 3
             state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks
         else:
@@ -212,7 +241,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
             if not optimizer.engine:
                 torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
             with open(os.path.join(tmp, "run.json"), "w") as f:
-                json.dump({"step": step, "config": config, **(extra or {})}, f, indent=1)
+                json.dump({"step": step, "config": config}, f, indent=1)
     except (OSError, RuntimeError) as err:  # a full disk: torch.save says "[enforce fail at inline_container.cc]"
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"writing {final} failed ({str(err)[:200]}); the previous checkpoint is intact: "
@@ -227,8 +256,20 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, extra=No
         with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+        steps = sorted(int(n[5:]) for n in os.listdir(out_dir) if re.fullmatch(r"step_\d+", n))
+        for old in [s for s in steps if s <= step][:-keep] if keep else []:  # a resumed run's future stays
+            path = os.path.join(out_dir, f"step_{old:06d}")
+            for gone in [f"{path}/optimizer.pt", f"{path}/deepspeed"] if keep_weights else [path]:
+                delete(gone)
     barrier()
     return final
+
+
+def delete(path):
+    """Rename, then delete: a kill midway leaves no part of a folder under its name."""
+    if os.path.lexists(path):
+        os.replace(path, path + ".del")
+        (shutil.rmtree if os.path.isdir(path + ".del") else os.remove)(path + ".del")
 
 
 def check_in_sync(model):

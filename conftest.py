@@ -1,4 +1,9 @@
-"""Shared pytest fixtures: a small tokenizer with Qwen's special tokens (no hub access exists here or in CI)."""
+"""Shared pytest fixtures: a small tokenizer with Qwen's special tokens (no hub access exists here or in CI); and
+run_script, which runs a script in its own process(es)."""
+import os
+import signal
+import subprocess
+import sys
 import pytest
 import torch
 import model
@@ -53,3 +58,27 @@ def toy(tmp_path_factory):
     model_path = str(root / "tiny")
     synthetic.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
     return str(root / "synthetic"), model_path
+
+
+ON_RANK_1 = "import os\nif os.environ['RANK'] == '1':\n    "  # run_script's `before` for one rank of two
+RANK_1_CLIPS_FAIL = ON_RANK_1 + ("import data\n    def fail(record, **limits): raise data.DataError(record['path'] + ': gone')"
+                                 "\n    data.read_media = fail")
+
+
+def run_script(script, *args, nproc=1, before="", timeout=300):
+    """Run `script` with `args` from this folder, under torch.distributed.run when nproc > 1; `before` is Python run
+    first in every process (a test's stand-in for a broken input). A run that outlives `timeout` seconds (a hang)
+    is killed with all its processes. Returns (exit code, stdout + stderr)."""
+    code = (f"import runpy, sys; sys.path.insert(0, '.')\n{before}\n"
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "--no-python"] if nproc > 1 else []
+    proc = subprocess.Popen([*launcher, sys.executable, "-c", code, script, *map(str, args)], text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0] + f"\n[killed after {timeout} s: a hang]"
+    return proc.returncode, output

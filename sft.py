@@ -50,8 +50,10 @@ eval_interval = 100                  # validation loss every N steps
 ckpt_interval = 500                  # checkpoint every N steps (and at the end)
 log_interval = 50
 resume = False                       # continue bit-exactly from out_dir/latest
+keep_checkpoints = 0                 # the newest N checkpoints keep optimizer state; 0: all do
+keep_weights = True                  # older checkpoints keep their HF weights (False: deleted)
 run_steps = 0                        # stop this process after N steps (0: run to max_steps); resume continues
-attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
+attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False                    # gradient checkpointing (paper scale)
 deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) to use ZeRO; "" = plain torch
 # -----------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def make_batch(model, records, tokenizer, device):
 def sft_loss(model, batch, target_ids, target_mask):
     """Mean negative log-likelihood over target tokens only: prompt positions never enter the loss."""
     logprobs = M.completion_logprobs(model, batch, target_ids, target_mask)   # (B, T)
-    return -(logprobs * target_mask).sum() / target_mask.sum()
+    return -(logprobs * target_mask).sum() / target_mask.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -137,12 +139,12 @@ if __name__ == "__main__":
             records_now = data.epoch_slice(train, position, batch_size, seed)
             batch, ids, mask, n_skip, n_trunc = make_batch(model, records_now, tokenizer, device)
             skipped, truncated = skipped + n_skip, truncated + n_trunc
-            if batch is None:
-                continue
+            if batch is None:  # every record failed: a placeholder row keeps this rank's collectives in step
+                batch, ids, mask = C.placeholder_batch(model, device)
             with C.autocast(device):
                 loss = sft_loss(model, batch, ids, mask)
-            opt.backward(loss / grad_accum)
-            losses.append(loss.item())
+            opt.backward(loss / grad_accum, last=micro == grad_accum - 1)
+            losses += [loss.item()] if mask.any() else []
             tokens += int(mask.sum())
         grad_norm = opt.step(lr_now)
         counts = C.mean_over_ranks([tokens, skipped, truncated], device)
@@ -160,6 +162,7 @@ if __name__ == "__main__":
         if (step + 1) % log_interval == 0 or "val_loss" in metrics:
             C.print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, model, tokenizer, opt, config))
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, model, tokenizer, opt, config,
+                                                    keep_checkpoints, keep_weights))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total} examples in steps")
     C.finish()

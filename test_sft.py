@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ import data
 import common as C
 import model as M
 import sft
+from conftest import RANK_1_CLIPS_FAIL, run_script
 
 
 def test_loss_ignores_exactly_the_prompt_positions(toy):
@@ -56,13 +58,19 @@ def test_special_tokens_in_the_target_stay_plain_text(toy):
     assert target[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def run_sft(toy, out_dir, *args):
+def run_sft(toy, out_dir, *args, nproc=1, before="", timeout=300):
+    """stdout and stderr of an sft.py run, which must succeed."""
     data_dir, model_path = toy
-    cmd = [sys.executable, "sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}", f"--out_dir={out_dir}",
-           "--max_steps=4", "--batch_size=2", "--grad_accum=2", "--val_records=8", "--eval_interval=2",
-           "--warmup_steps=2", "--ckpt_interval=100", *args]
-    return subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
-                          text=True).stdout
+    code, output = run_script("sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}", f"--out_dir={out_dir}",
+                              "--max_steps=4", "--batch_size=2", "--grad_accum=2", "--val_records=8",
+                              "--eval_interval=2", "--warmup_steps=2", "--ckpt_interval=100", *args, nproc=nproc,
+                              before=before, timeout=timeout)
+    assert code == 0, output[-6000:]
+    return output
+
+
+def metrics_of(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def test_resume_is_bit_exact(toy, tmp_path):
@@ -190,3 +198,66 @@ def test_paper_configs_apply_to_their_scripts():
     for script, names in ((sft, ["sft_paper.py"]), (tgrpo, ["tgrpo_paper.py", "tgrpo_official.py"])):
         config = C.configure(dict(script.config), [os.path.join(HERE, "configs", name) for name in names])
         assert config["max_prompt_tokens"] == 16384 and config["skip_bad"]
+
+
+def test_zero2_rank_whose_clips_all_fail_still_steps(toy, tmp_path):
+    """2 ranks under ZeRO-2 with skip_bad, every clip of rank 1 failing: that rank runs forward and backward on a
+    placeholder row at zero loss, so DeepSpeed's reduction and step, which need every rank, go through (without
+    it: KeyError 0 in ZeRO-2's grad norm). The checkpoint's sync check shows both ranks took the same step."""
+    run_sft(toy, tmp_path, "--deepspeed=configs/ds_zero2.json", "--skip_bad=True", "--max_steps=2", nproc=2,
+            before=RANK_1_CLIPS_FAIL, timeout=240)
+    metrics = metrics_of(tmp_path)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+    assert os.path.isfile(tmp_path / "step_000002" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def accumulated(toy, tmp_path_factory):
+    """2 steps of grad_accum 2, a checkpoint each step and only the newest kept whole: plain torch, DeepSpeed ZeRO-2
+    and ZeRO-3, each one process started without torchrun. {name: (run folder, metrics)}"""
+    root = tmp_path_factory.mktemp("accumulated")
+    runs = {}
+    for name, ds in (("plain", ""), ("zero2", "configs/ds_zero2.json"), ("zero3", "configs/ds_zero3.json")):
+        run_sft(toy, root / name, f"--deepspeed={ds}", "--max_steps=2", "--ckpt_interval=1", "--keep_checkpoints=1",
+                "--eval_interval=100")
+        runs[name] = root / name, metrics_of(root / name)
+    return runs
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_adds_up_micro_batches_as_plain_torch(accumulated, zero):
+    """Each micro-batch's backward adds to the step's gradient (DeepSpeed used to keep only the last one's: every
+    backward was an accumulation boundary), so grad norms, losses and weights equal plain torch's."""
+    (plain_dir, plain), (ds_dir, ds) = accumulated["plain"], accumulated[zero]
+    for a, b in zip(plain, ds):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"])
+    a = load_file(plain_dir / "step_000002" / "model.safetensors")
+    b = load_file(ds_dir / "step_000002" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k].float(), rtol=0, atol=1e-5) for k in a)
+
+
+def test_deepspeed_step_folders_load_as_checkpoints(accumulated):
+    """DeepSpeed wrote its own `latest` inside step_N, so --init_from=out/x/step_N resolved to step_N/deepspeed."""
+    for name in ("zero2", "zero3"):
+        run_dir = accumulated[name][0]
+        step_dir = str(run_dir / "step_000002")
+        assert C.latest_checkpoint(str(run_dir)) == step_dir and C.latest_checkpoint(step_dir) is None
+        M.load_model(C.latest_checkpoint(step_dir) or step_dir, "cpu")
+
+
+def test_older_checkpoints_keep_only_their_weights(accumulated):
+    for name, state in (("plain", "optimizer.pt"), ("zero2", "deepspeed"), ("zero3", "deepspeed")):
+        run_dir = accumulated[name][0]
+        assert sorted(os.listdir(run_dir)) == ["latest", "metrics.jsonl", "step_000001", "step_000002"]
+        assert os.path.exists(run_dir / "step_000002" / state) and not os.path.exists(run_dir / "step_000001" / state)
+        M.load_model(str(run_dir / "step_000001"), "cpu")
+
+
+def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
+    net, tok, _ = tiny
+    opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
+    for step in (1, 2, 3):
+        C.save_checkpoint(str(tmp_path), step, net, tok, opt, {}, keep=2, keep_weights=False)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
+    C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {}, keep=1, keep_weights=False)  # a rerun from step 1
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+import common as C
 import data
 import model as M
 import tgrpo
+from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -166,18 +168,17 @@ def test_plain_grpo_measures_p_but_pays_no_bonus(toy, monkeypatch):
     assert not any(s for _, s in rows) and len(batch.clips) == 1  # no contrast clip is even built
 
 
-def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None, stdout=None):
-    """metrics.jsonl of a tgrpo.py run (its stdout appended to the list `stdout` when given)."""
+def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None, stdout=None, before="", timeout=300):
+    """metrics.jsonl of a tgrpo.py run (its stdout and stderr appended to the list `stdout` when given)."""
     data_dir, model_path = toy
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
-           "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_contrast=2", "--max_new_tokens=6",
-           "--lr=1e-3", "--ckpt_interval=100", *args] + ([f"--train_json={rl_json}"] if rl_json else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, output = run_script("tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
+                              "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_contrast=2",
+                              "--max_new_tokens=6", "--lr=1e-3", "--ckpt_interval=100", *args,
+                              *([f"--train_json={rl_json}"] if rl_json else []), nproc=nproc, before=before,
+                              timeout=timeout)
+    assert code == 0, output[-6000:]
     if stdout is not None:
-        stdout.append(result.stdout)
+        stdout.append(output)
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
@@ -293,3 +294,56 @@ def test_the_bonus_acts_only_in_the_variants_on_binary_groups(monkeypatch, bonus
     _, advantages, stats = tgrpo.score(examples, rows, [right, right, wrong, wrong, wrong, wrong], [5] * 6)
     assert stats["bonus_granted"] == [1.0] and (stats["advantage_change"][0] > 0.1) == acts
     assert stats["advantage_change"][0] < 1e-4 or acts
+
+
+RANK_1_STOPS_AT_ONCE = ON_RANK_1 + "import model; model.stop_ids = lambda tokenizer: list(range(len(tokenizer)))"
+
+
+@pytest.mark.parametrize("rank_1", [RANK_1_STOPS_AT_ONCE, RANK_1_CLIPS_FAIL], ids=["stops_at_once", "clips_fail"])
+def test_zero3_ranks_out_of_step_in_the_rollout(toy, tmp_path, rank_1):
+    """ZeRO-3 with every weight partitioned, 2 ranks whose rollouts differ: rank 1's rows all stop at their first
+    token (every token is a stop token there) while rank 0's run 6 tokens, or rank 1's clips all fail (skip_bad)
+    and it has nothing to generate. ZeRO-3's per-module hooks made every layer call a collective, so the ranks fell
+    out of step (SIGABRT or a hang, killed by the timeout); they are removed for the whole rollout phase, which
+    every rank enters, and a rank without data trains on a placeholder row at zero loss."""
+    ds = json.load(open("configs/ds_zero3.json"))
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    metrics = run_tgrpo(toy, tmp_path / "out", f"--deepspeed={tmp_path / 'zero3.json'}", "--max_steps=2",
+                        "--skip_bad=True", nproc=2, before=rank_1, timeout=240)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    if rank_1 == RANK_1_STOPS_AT_ONCE:  # the mean of rank 1's 1 token and rank 0's more
+        assert all(1 < m["response_length"] <= 3.5 for m in metrics) and sum(m["skipped"] for m in metrics) == 0
+    else:
+        assert [m["skipped"] for m in metrics] == [2, 2] and all(m["response_length"] > 1 for m in metrics)
+
+
+def test_paper_config_runs_without_torchrun(toy, tmp_path):
+    """`python tgrpo.py configs/tgrpo_paper.py` in one process: every key of the paper config exists, and DeepSpeed
+    ZeRO-3 gets a 1-process group rather than looking for MPI. Only the data, model and sizes are the tiny ones."""
+    data_dir, model_path = toy
+    code, output = run_script("tgrpo.py", "configs/tgrpo_paper.py", f"--init_from={model_path}",
+                              f"--train_json={data_dir}/rl.json", "--media_root=", f"--out_dir={tmp_path}",
+                              "--max_steps=1", "--max_new_tokens=4", "--num_generations=2", "--num_contrast=1")
+    assert code == 0, output[-6000:]
+    assert os.path.isfile(tmp_path / "step_000001" / "model.safetensors")
+
+
+def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
+    """Under bf16 autocast (the GPU regime, here on CPU) with num_iterations=2: before the first update the old
+    policy and the reference (an identical copy) give exactly the policy's log-probs, so the first ratio is exactly
+    1 and the KL exactly 0; the second iteration sees the update."""
+    monkeypatch.setattr(C, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
+    monkeypatch.setattr(tgrpo, "num_iterations", 2)
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 5)
+    net, tok, records = load_examples(toy, ["video"], 1)
+    ref = C.frozen_reference(toy[1], "cpu", torch.float32)
+    examples, rows, batch, ids, mask, _ = tgrpo.rollout(net, records, tok, 0, "cpu")
+    sub, sub_ids, sub_mask, _ = tgrpo.ordered_batch(batch, rows, ids, mask)
+    seen, loss = [], tgrpo.tgrpo_loss
+    monkeypatch.setattr(tgrpo, "tgrpo_loss", lambda *args: seen.append(args) or loss(*args))
+    opt = C.Optimizer(net, 1e-2, 0.0, 1.0)
+    tgrpo.train_step(opt, net, ref, sub, sub_ids, sub_mask, torch.randn(len(sub_ids)), 1e-2, "cpu")
+    (logp, old, ref_logp, *_), (logp2, old2, *_) = seen
+    assert logp.dtype == torch.float32 and torch.equal(logp.detach(), old) and torch.equal(logp.detach(), ref_logp)
+    assert torch.equal(old2, old) and not torch.equal(logp2.detach(), old2)

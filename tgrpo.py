@@ -91,8 +91,10 @@ log_interval = 1
 sample_interval = 10                 # print and save a few episodes every N steps
 ckpt_interval = 60
 resume = False
+keep_checkpoints = 0                 # the newest N checkpoints keep optimizer state; 0: all do
+keep_weights = True                  # older checkpoints keep their HF weights (False: deleted)
 run_steps = 0                        # stop this process after N steps (0: to max_steps)
-attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
+attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False
 deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
@@ -123,9 +125,8 @@ def rollout(policy, records, tokenizer, step, device):
     tps = M.unwrap(policy).config.vision_config.tokens_per_second
     batch = M.collate_prompts(encoded, clips, row_clip, tokenizer.pad_token_id, tps, device)
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**C.SEED_BITS)))
-    with C.gathered_for_generation(policy):
-        ids, mask = M.generate(policy, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
-                               temperature, top_p, generator)
+    ids, mask = M.generate(policy, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
+                           temperature, top_p, generator)
     return examples, rows, batch, ids, mask, skipped
 
 
@@ -237,7 +238,8 @@ if __name__ == "__main__":
         t0, lr_now = time.time(), C.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
         policy.eval()
         records_now = data.epoch_slice(train, (step * C.WORLD + C.RANK) * batch_size, batch_size, seed)
-        examples, rows, batch, ids, mask, skipped = rollout(policy, records_now, tokenizer, step, device)
+        with C.generation_phase(policy):  # entered by every rank, even one whose clips all failed
+            examples, rows, batch, ids, mask, skipped = rollout(policy, records_now, tokenizer, step, device)
         rollout_time = time.time() - t0
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if examples else []  # past a stop: pad
         lengths = mask.sum(1).tolist() if examples else []
@@ -246,11 +248,11 @@ if __name__ == "__main__":
             reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
             sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
-            update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now, device)
-        else:  # every clip of this rank failed: a zero backward keeps its collectives in step with the other ranks
-            opt.backward(sum(p.sum() for p in policy.parameters()) * 0.0)
+        else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
+            (sub, sub_ids, sub_mask), advantages = C.placeholder_batch(policy, device), torch.zeros(1, device=device)
             stats = {name: [] for name in STATS}
-            update = {"loss": math.nan, "kl": math.nan, "clip_fraction": math.nan, "grad_norm": opt.step(lr_now)}
+        update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now, device)
+        update = {k: v if examples or k == "grad_norm" else math.nan for k, v in update.items()}
         local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
         local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update,
                   "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
@@ -275,6 +277,7 @@ if __name__ == "__main__":
                     samples.write(json.dumps(episode) + "\n")
                     C.print0("sample:", json.dumps(episode))
         if (step + 1) % ckpt_interval == 0 or step + 1 in (max_steps, stop):
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config))
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config,
+                                                    keep_checkpoints, keep_weights))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
     C.finish()
