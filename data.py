@@ -137,25 +137,32 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
     return h_bar, w_bar
 
 
-def _resize(frames, path, min_pixels, max_pixels) -> np.ndarray:
-    """Resize (n, H, W, 3) uint8 frames, all to one smart_resize size, with PIL bicubic (as Qwen's processor)."""
+def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
+    """Resize (n, H, W, 3) uint8 frames, all to one smart_resize size, as qwen-vl-utils does: an image with PIL
+    bicubic, video frames with torch's antialiased bicubic on floats, clamped and rounded back to uint8 (torchvision's
+    tensor resize)."""
     try:
         h, w = smart_resize(frames.shape[1], frames.shape[2], min_pixels=min_pixels, max_pixels=max_pixels)
     except DataError as e:
         raise DataError(f"{path}: {e}") from e
-    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
+    if not video:
+        return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
+    x = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(h, w),
+                                        mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _num_frames(total, duration, fps, min_frames, max_frames) -> int:
-    """round(duration * fps) in [min_frames, max_frames], even (2 frames a temporal patch), at most `total`."""
-    n = min(max(round(duration * fps), min_frames), max_frames)
-    n = max(TEMPORAL_PATCH, n - n % TEMPORAL_PATCH)
-    return min(n, total - total % TEMPORAL_PATCH)
+def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
+    """qwen-vl-utils' smart_nframes: duration * fps clamped to [min_frames, max_frames] (rounded up and down to
+    even) and to `total`, then floored to even (2 frames a temporal patch)."""
+    low, high = math.ceil(min_frames / TEMPORAL_PATCH), max_frames // TEMPORAL_PATCH
+    n = min(max(total / video_fps * fps, low * TEMPORAL_PATCH), high * TEMPORAL_PATCH, total)
+    return max(TEMPORAL_PATCH, math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
 
 
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
                max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
-    """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps n / duration."""
+    """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps, as qwen-vl-utils samples."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: video file not found")
     try:
@@ -165,14 +172,12 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
             raise DataError(f"{path}: {total}-frame video: a video needs at least {TEMPORAL_PATCH} frames")
         if not MIN_VIDEO_FPS <= avg_fps <= MAX_VIDEO_FPS:
             raise DataError(f"{path}: broken timing: {avg_fps:.3g} fps, outside [{MIN_VIDEO_FPS}, {MAX_VIDEO_FPS}]")
-        duration = total / avg_fps
-        n = _num_frames(total, duration, fps, min_frames, max_frames)
-        indices = np.linspace(0, total - 1, n).round().astype(int)
-        frames = vr.get_batch(indices.tolist()).asnumpy()
+        n = _num_frames(total, avg_fps, fps, min_frames, max_frames)
+        frames = vr.get_batch(torch.linspace(0, total - 1, n).round().long().tolist()).asnumpy()
     except (RuntimeError, decord.DECORDError) as e:  # decord raises these for unreadable or truncated files
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # decord appends C++ traces
         raise DataError(f"{path}: cannot decode video: {reason}") from e
-    return _resize(frames, path, min_pixels, max_pixels), n / duration
+    return _resize(frames, path, min_pixels, max_pixels, video=True), n / total * avg_fps
 
 
 def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
@@ -187,7 +192,7 @@ def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.n
     # PIL: UnidentifiedImageError / truncated data / bad header fields / a header claiming gigapixels
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
-    return np.repeat(_resize(rgb[None], path, min_pixels, max_pixels), TEMPORAL_PATCH, axis=0)
+    return np.repeat(_resize(rgb[None], path, min_pixels, max_pixels, video=False), TEMPORAL_PATCH, axis=0)
 
 
 def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> tuple[np.ndarray, float | None]:

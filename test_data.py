@@ -17,12 +17,12 @@ STEP = 12  # brightness step between generated frames, so a decoded frame tells 
 
 
 def write_mp4(path, n, fps, h=56, w=84, index_first=False):
-    """An H.264 clip whose frame i is uniformly grey at i*STEP; index_first puts the moov atom before the frames."""
+    """An H.264 clip whose frame i is uniformly grey at i*STEP % 256; index_first puts the moov atom before the frames."""
     with av.open(str(path), "w", options={"movflags": "faststart"} if index_first else {}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), i * STEP, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), i * STEP % 256, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -154,14 +154,18 @@ def test_read_shared_video(max_frames, max_pixels):
         pytest.skip(f"{SHARED_VIDEO} is not present")
     import decord
     reader = decord.VideoReader(str(SHARED_VIDEO))
-    duration = len(reader) / reader.get_avg_fps()
+    total, duration = len(reader), len(reader) / reader.get_avg_fps()
     frames, fps = data.read_video(str(SHARED_VIDEO), fps=2.0, max_frames=max_frames, max_pixels=max_pixels)
     n, H, W, C = frames.shape
-    expected = min(max(round(duration * 2.0), 4), max_frames)
-    assert n == expected - expected % 2 and n % 2 == 0 and 4 <= n <= max_frames
+    assert n == min(max(duration * 2.0, 4), max_frames, total) // 2 * 2 and 4 <= n <= max_frames
     assert fps == pytest.approx(n / duration)
     assert frames.dtype == np.uint8 and C == 3 and H % 28 == 0 and W % 28 == 0 and H * W <= max_pixels
     assert (H, W) == data.smart_resize(*reader[0].shape[:2], max_pixels=max_pixels)
+    # qwen-vl-utils' frames: torch.linspace indices, torchvision's antialiased bicubic resize of the decoded frames
+    raw = torch.from_numpy(reader.get_batch(torch.linspace(0, total - 1, n).round().long().tolist()).asnumpy())
+    resized = torch.nn.functional.interpolate(raw.permute(0, 3, 1, 2).float(), size=(H, W), mode="bicubic",
+                                              antialias=True).clamp(0, 255).round().to(torch.uint8)
+    assert np.array_equal(frames, resized.permute(0, 2, 3, 1).numpy())
 
 
 @pytest.mark.parametrize("total,file_fps,min_frames,max_frames,expected", [
@@ -180,6 +184,30 @@ def test_read_generated_video(tmp_path, total, file_fps, min_frames, max_frames,
     assert fps == pytest.approx(expected / (total / file_fps))
     sampled = np.linspace(0, total - 1, expected).round()  # uniform sampling, in order, ends included
     assert np.abs(frames.mean(axis=(1, 2, 3)) / STEP - sampled).max() < 0.5
+
+
+def test_frame_count_floors_as_qwen_vl_utils(tmp_path):
+    """A 2.9 s clip at 10 fps, sampled at 2 fps: 5.8 frames floor to 4 (rounding first would take 6), at indices
+    torch.linspace(0, 28, 4).round() = 0, 9, 19, 28 and 4 / 29 * 10 fps."""
+    path = write_mp4(tmp_path / "clip.mp4", 29, 10)
+    frames, fps = data.read_video(str(path), fps=2.0, min_frames=4, max_frames=16)
+    assert frames.shape[0] == 4 and fps == pytest.approx(4 / 29 * 10)
+    grey = np.array([0, 9, 19, 28]) * STEP % 256
+    assert np.abs(frames.mean(axis=(1, 2, 3)) - grey).max() < STEP / 2
+
+
+def test_video_frames_resize_as_torchvision_and_images_as_pil():
+    """Video frames: antialiased bicubic on floats, clamped and rounded to uint8 (torchvision's tensor resize, which
+    qwen-vl-utils uses); images: PIL bicubic. The two filters differ, so the test can tell which one ran."""
+    frames = np.random.default_rng(0).integers(0, 256, (2, 100, 130, 3), dtype=np.uint8)
+    h, w = data.smart_resize(100, 130, max_pixels=8 * 28 * 28)
+    video = data._resize(frames, "x.mp4", 4 * 28 * 28, 8 * 28 * 28, video=True)
+    torch_bicubic = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(h, w),
+                                                    mode="bicubic", antialias=True).clamp(0, 255).round().byte()
+    assert np.array_equal(video, torch_bicubic.permute(0, 2, 3, 1).numpy())
+    image = data._resize(frames[:1], "x.png", 4 * 28 * 28, 8 * 28 * 28, video=False)
+    assert np.array_equal(image[0], np.asarray(Image.fromarray(frames[0]).resize((w, h), Image.BICUBIC)))
+    assert not np.array_equal(image[0], video[0])
 
 
 def test_read_video_resizes_all_frames_to_one_size(tmp_path):
