@@ -4,10 +4,12 @@ import os
 from dataclasses import dataclass
 import torch
 import transformers
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLForConditionalGeneration
 
 transformers.utils.logging.disable_progress_bar()  # one line per step is the log; no bars
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels the scripts' `attn` may name
+LOGPROB_CHUNKS = 8  # completion_logprobs' slices: at paper scale 8 rows x 768 tokens, one row's tokens each
 
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
@@ -124,7 +126,9 @@ def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
 
 
 def completion_logprobs(model, batch, completion_ids, completion_mask):
-    """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion."""
+    """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion. The
+    head and log-softmax run on LOGPROB_CHUNKS slices of the B*T tokens, each recomputed in backward, so that the
+    vocab-sized fp32 logits exist for one slice at a time (README, memory plan)."""
     B, T = completion_ids.shape
     P = batch.input_ids.shape[1]
     embed_tokens = unwrap(model).model.get_input_embeddings()
@@ -132,9 +136,16 @@ def completion_logprobs(model, batch, completion_ids, completion_mask):
     completion_pos = (batch.next_pos[:, None] + torch.arange(T, device=completion_ids.device)).expand(3, B, T)
     positions = torch.cat([batch.position_ids, completion_pos], dim=2)                    # (3, B, P+T)
     mask = torch.cat([batch.attention_mask, completion_mask.long()], dim=1)
-    hidden = hidden_states(model, embeds, positions, mask)[:, P - 1:-1]                    # (B, T, D) predicts token t
-    logits = unwrap(model).lm_head(hidden).float()                                          # (B, T, V)
-    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    hidden = hidden_states(model, embeds, positions, mask)[:, P - 1:-1].reshape(B * T, -1)  # b*T + t predicts t
+    head = unwrap(model).lm_head
+
+    def logprobs(h, ids):  # (n, D), (n,) -> (n,)
+        logits = head(h).float()
+        return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    # a fixed number of slices, not a fixed size: under ZeRO-3 each head call is a collective, so every rank must
+    # make as many as the others
+    slices = zip(hidden.tensor_split(LOGPROB_CHUNKS), completion_ids.flatten().tensor_split(LOGPROB_CHUNKS))
+    return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False) for h, ids in slices]).view(B, T)
 
 # ----------------------------------------------------------------------------- generation with a KV cache
 

@@ -1,6 +1,9 @@
 """model.py on the tiny Qwen2.5-VL: positions, vision once, hand-written generation, log-probs."""
 import torch
 import pytest
+from transformers import Qwen2_5_VLForConditionalGeneration
+import bench
+import common as C
 import model as M
 from conftest import random_clip, encode_text
 
@@ -130,3 +133,52 @@ def test_sampling_is_seeded_and_respects_top_p(tiny):
     draws = {M.sample_token(logits, 1.0, 0.5, torch.Generator().manual_seed(s)).item() for s in range(50)}
     assert draws == {0}  # token 0 alone holds > 0.5 of the mass
     assert M.sample_token(logits, 0, 1.0, None).item() == 0
+
+
+@pytest.fixture(scope="module")
+def real_vocab():
+    """Qwen2.5-VL-7B's vocabulary (152,064 ids, special ones at 151643-151656) with 2 narrow layers a tower."""
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(bench.config_7b(small=True)).eval()
+
+
+def logprobs_and_grads(net, batch, completion, mask):
+    net.zero_grad()
+    logp = M.completion_logprobs(net, batch, completion, mask)
+    (logp * mask).sum().backward()
+    return logp.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+
+def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab, monkeypatch):
+    """The head and log-softmax run on LOGPROB_CHUNKS slices of the tokens, each recomputed in backward: values and
+    gradients equal one slice's, and no vocab-wide tensor is kept for backward (B x T x 152,064 fp32 logits were
+    3.7 GB at 8 rows x 768 tokens, and backward held about four of them)."""
+    net, config = real_vocab, real_vocab.config
+    clip = random_clip(2, 56, 56, seed=7)
+    ids = [config.vision_start_token_id] + [config.video_token_id] * clip.num_tokens + [config.vision_end_token_id]
+    batch = M.collate_prompts([(ids + [100, 200], [0] + [2] * clip.num_tokens + [0, 0, 0])] * 3, [clip], [0] * 3,
+                              0, 2)
+    completion = torch.tensor([[151645, 5, 152063, 151643], [7, 151656, 9, 0], [1, 2, 3, 4]])  # special ids too
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    monkeypatch.setattr(M, "LOGPROB_CHUNKS", 1)
+    whole, whole_grads = logprobs_and_grads(net, batch, completion, mask)
+    monkeypatch.setattr(M, "LOGPROB_CHUNKS", 5)  # more slices than rows, fewer than tokens
+    sliced, sliced_grads = logprobs_and_grads(net, batch, completion, mask)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)  # float rounding: sums split differently
+    assert whole_grads.keys() == sliced_grads.keys() and "lm_head.weight" in whole_grads
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(sliced_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+    widest = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: widest.append(t.shape[-1]) or t, lambda t: t):
+        M.completion_logprobs(net, batch, completion, mask)
+    assert max(widest) < config.text_config.vocab_size
+
+
+def test_placeholder_batch_runs_every_module_at_zero_gradient(real_vocab):
+    """What a rank whose records all failed trains on: the vision tower and every layer run forward and backward
+    (under ZeRO each is a collective the other ranks wait for), the loss and every gradient exactly 0."""
+    net = real_vocab
+    batch, completion, mask = C.placeholder_batch(net, "cpu")
+    logp, grads = logprobs_and_grads(net, batch, completion, mask)
+    assert torch.isfinite(logp).all() and (logp * mask).sum() == 0
+    assert len(grads) == len(list(net.parameters())) and all(not g.any() for g in grads.values())
