@@ -1,0 +1,21 @@
+"""bench.py runs: the speed ratios on the tiny model, and the GPU check's code path on CPU at small shapes."""
+import re
+from conftest import run_script
+
+
+def test_gpu_check_runs_on_cpu_at_small_shapes():
+    """configs/bench_gpu.py with 2 narrow layers a tower (the real vocabulary and token ids), short clips and
+    rollouts: every measurement prints, and on fp32 the vision-once log-probs equal the pixels-per-row forward."""
+    code, output = run_script("bench.py", "configs/bench_gpu.py", "--small=True", "--frames=4", "--height=56",
+                              "--width=112", "--new_tokens=3", "--repeats=1")
+    assert code == 0, output[-4000:]
+    assert re.search(r"prefill [\d.]+ s, decode [\d.]+ ms/token, HBM bound", output)
+    assert re.search(r"sdpa: log-prob \+ backward of 8 rows [\d.]+ s, MFU", output)
+    assert float(re.search(r"max \|diff\| of log-probs (\S+)", output).group(1)) < 1e-4
+
+
+def test_speed_ratios_run(toy):
+    code, output = run_script("bench.py", f"--model_path={toy[1]}", "--frames=4", "--height=56", "--width=56",
+                              "--new_tokens=3", "--repeats=1")
+    assert code == 0, output[-4000:]
+    assert re.search(r"rollout .* speed ratio [\d.]+x", output) and re.search(r"step .* time ratio [\d.]+x", output)
