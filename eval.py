@@ -42,7 +42,7 @@ max_new_tokens = 256                 # paper scale: 1024, as the official eval
 max_prompt_tokens = 16384            # a longer prompt fails its sample alone (64 frames x 256*28*28 px: 8k tokens)
 batch_size = 8                       # prompts (ordered and shuffled) per generate call
 seed = 0                             # the shuffled frame order of each record, and sampling when temperature > 0
-attn = "sdpa"                        # attention kernel: "sdpa", or "flash_attention_2" where installed
+attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 shuffled = False                     # also answer each video question on its frames shuffled (temporal reliance)
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))

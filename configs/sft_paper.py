@@ -12,12 +12,14 @@ grad_accum = 2
 lr = 1e-6
 warmup_steps = 100
 min_lr_ratio = 0.0
-max_frames = 16                    # the paper's training: 16 frames at 2 fps, <= 128*28*28 pixels per frame
-max_pixels = 128 * 28 * 28
+max_frames = 16                    # Video-R1 training: 16 frames at 2 fps of 128*28*28 pixels each
+min_pixels = 128 * 28 * 28         # smaller clips are scaled up, as Video-R1's qwen-vl-utils does; here images
+max_pixels = 128 * 28 * 28         # too, to which Video-R1 gives 4*28*28 to 256*28*28
 max_prompt_tokens = 16384          # 16 frames x 128 tokens + the question: ~2.2k; longer is a bad record
 skip_bad = True                    # a 165k-record run goes on past a broken clip; skips are counted in the log
 eval_interval = 500
 ckpt_interval = 1000
 log_interval = 10
 grad_ckpt = True
+keep_checkpoints = 2               # the last 2 keep optimizer state (~125 GB each at 7B); older: weights only
 deepspeed = "configs/ds_zero2.json"
