@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import torch
@@ -15,8 +14,7 @@ import data
 from model import collate_prompts, load_model, unwrap
 
 SEED_BITS = 62  # a torch.Generator seed drawn from a numpy stream: 62 bits stay clear of int64's sign
-# the scripts' attention default: under sdpa the vision tower's window attention runs one call per window
-ATTN = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+ATTN = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"  # the scripts' attention default
 
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
 
@@ -108,9 +106,8 @@ def finish():
 
 
 def read_deepspeed_config(path):
-    """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per backward (the
-    scripts accumulate by hand, marking each step's last backward as DeepSpeed's boundary) and bf16 exactly when
-    on GPU."""
+    """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per backward (the scripts
+    accumulate by hand: Optimizer.backward) and bf16 exactly when on GPU."""
     with open(path) as f:
         ds = json.load(f)
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
@@ -131,15 +128,13 @@ class Optimizer:
             import deepspeed
             if not dist.is_initialized():  # no torchrun: one process, else DeepSpeed would look for MPI
                 os.environ.setdefault("LOCAL_RANK", "0")
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
-                                        rank=0, world_size=1)
+                dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1)
             ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip}
             self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds)
             self.model = self.engine
 
     def backward(self, loss, last=True):
-        """Add the gradient of `loss`; last=False for every micro-batch of a step but its last, without which
-        DeepSpeed would replace the gradient at each backward instead of adding to it."""
+        """Add the gradient of `loss`; last=False for all micro-batches of a step but its last (DeepSpeed's boundary)."""
         if self.engine:  # the scripts run the engine's module directly, so do what engine.forward does first
             self.engine.optimizer.clear_backward_seen_flag()
             self.engine.set_gradient_accumulation_boundary(last)
@@ -167,14 +162,13 @@ class Optimizer:
 
 
 def placeholder_batch(model, device):
-    """(prompt batch, completion ids, mask) for a rank whose records all failed: one row showing a one-token video,
-    one masked-out completion token. Its loss is 0 with zero gradients, yet every module runs forward and backward
-    as on real data, so the rank's DeepSpeed collectives (ZeRO-3 gathers weights module by module) stay in step."""
-    config = unwrap(model).config
-    clip = data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2), True, 1.0)
-    prompt = ([config.vision_start_token_id, config.video_token_id, config.vision_end_token_id], [0, 2, 0])
-    batch = collate_prompts([prompt], [clip], [0], 0, config.vision_config.tokens_per_second, device)
-    return batch, *torch.zeros(2, 1, 1, dtype=torch.long, device=device)
+    """(batch, ids, mask) for a rank whose records all failed: a 1-token video, 1 masked-out completion token. Zero
+    loss and gradients, yet every module runs as on data: the rank's ZeRO collectives stay in step."""
+    c, clip = unwrap(model).config, data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2),
+                                              True, 1.0)
+    prompt = ([c.vision_start_token_id, c.video_token_id, c.vision_end_token_id], [0, 2, 0])
+    return (collate_prompts([prompt], [clip], [0], 0, c.vision_config.tokens_per_second, device),
+            *torch.zeros(2, 1, 1, dtype=torch.long, device=device))
 
 
 def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
@@ -190,9 +184,8 @@ def is_zero3(model):
 
 
 def generation_phase(model):
-    """Under ZeRO-3: the weights gathered once for the whole rollout phase and ZeRO-3's per-module hooks removed
-    for it (DeepSpeed's unwrap_model_for_generation). With the hooks on, every module call is a collective, so
-    ranks whose rows stop after different numbers of tokens fall out of step. Every rank must enter it."""
+    """Under ZeRO-3, weights gathered and per-module hooks (each call a collective, so ranks decoding different
+    numbers of tokens fell out of step) removed for the whole rollout phase, which every rank must enter."""
     if is_zero3(model):
         from deepspeed.runtime.zero import unwrap_model_for_generation
         return unwrap_model_for_generation(model)
@@ -214,13 +207,13 @@ def frozen_reference(path, device, dtype, deepspeed_config="", attn="sdpa"):
 # ----------------------------------------------------------------------------- checkpoints, atomic
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, keep=0, keep_weights=False):
+def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
     """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads, the
     optimizer/DeepSpeed state and the run config. It is built under a temporary name and renamed into place, and
     `latest` is replaced atomically after it, so a kill at any moment leaves the last good checkpoint whole.
-    No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank). Then only the
-    newest `keep` checkpoints up to this step stay whole (0: all); older ones keep their HF weights if keep_weights,
-    else go."""
+    No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank). Checkpoints
+    older than the newest config["keep_checkpoints"] (0: none) keep their HF weights (config["keep_weights"]) or go."""
+    keep, keep_weights = config.get("keep_checkpoints", 0), config.get("keep_weights", True)
     check_in_sync(optimizer.model)
     final = os.path.join(out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -253,23 +246,16 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config, keep=0, 
             os.replace(final, final + ".old")
         os.replace(tmp, final)
         shutil.rmtree(final + ".old", ignore_errors=True)
-        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        steps = sorted(int(n[5:]) for n in os.listdir(out_dir) if re.fullmatch(r"step_\d+", n))
+        write_atomic(os.path.join(out_dir, "latest"), os.path.basename(final))
+        steps = sorted(int(n[5:]) for n in os.listdir(out_dir) if n.startswith("step_") and n[5:].isdigit())
         for old in [s for s in steps if s <= step][:-keep] if keep else []:  # a resumed run's future stays
             path = os.path.join(out_dir, f"step_{old:06d}")
             for gone in [f"{path}/optimizer.pt", f"{path}/deepspeed"] if keep_weights else [path]:
-                delete(gone)
+                if os.path.exists(gone):  # renamed first: a kill midway leaves no part of it under its name
+                    os.replace(gone, gone + ".del")
+                    shutil.rmtree(gone + ".del") if os.path.isdir(gone + ".del") else os.remove(gone + ".del")
     barrier()
     return final
-
-
-def delete(path):
-    """Rename, then delete: a kill midway leaves no part of a folder under its name."""
-    if os.path.lexists(path):
-        os.replace(path, path + ".del")
-        (shutil.rmtree if os.path.isdir(path + ".del") else os.remove)(path + ".del")
 
 
 def check_in_sync(model):

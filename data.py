@@ -138,9 +138,8 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
 
 
 def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
-    """Resize (n, H, W, 3) uint8 frames, all to one smart_resize size, as qwen-vl-utils does: an image with PIL
-    bicubic, video frames with torch's antialiased bicubic on floats, clamped and rounded back to uint8 (torchvision's
-    tensor resize)."""
+    """Resize (n, H, W, 3) uint8 frames to one smart_resize size as qwen-vl-utils does: an image with PIL bicubic,
+    video frames with torchvision's tensor resize (antialiased bicubic on floats, rounded back to uint8)."""
     try:
         h, w = smart_resize(frames.shape[1], frames.shape[2], min_pixels=min_pixels, max_pixels=max_pixels)
     except DataError as e:

@@ -126,24 +126,20 @@ def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
 
 
 def completion_logprobs(model, batch, completion_ids, completion_mask):
-    """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion. The
-    head and log-softmax run on LOGPROB_CHUNKS slices of the B*T tokens, each recomputed in backward, so that the
-    vocab-sized fp32 logits exist for one slice at a time (README, memory plan)."""
+    """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion. The head
+    and log-softmax run on LOGPROB_CHUNKS slices of the tokens, each recomputed in backward, so the vocab-wide fp32
+    logits exist for one slice at a time; a fixed count, as under ZeRO-3 each head call is a collective."""
     B, T = completion_ids.shape
-    P = batch.input_ids.shape[1]
-    embed_tokens = unwrap(model).model.get_input_embeddings()
-    embeds = torch.cat([embed_prompts(model, batch), embed_tokens(completion_ids)], dim=1)  # (B, P+T, D)
+    inner = unwrap(model)
+    embeds = torch.cat([embed_prompts(model, batch), inner.model.get_input_embeddings()(completion_ids)], dim=1)
     completion_pos = (batch.next_pos[:, None] + torch.arange(T, device=completion_ids.device)).expand(3, B, T)
     positions = torch.cat([batch.position_ids, completion_pos], dim=2)                    # (3, B, P+T)
     mask = torch.cat([batch.attention_mask, completion_mask.long()], dim=1)
-    hidden = hidden_states(model, embeds, positions, mask)[:, P - 1:-1].reshape(B * T, -1)  # b*T + t predicts t
-    head = unwrap(model).lm_head
+    hidden = hidden_states(model, embeds, positions, mask)[:, -T - 1:-1].reshape(B * T, -1)  # b*T + t predicts t
 
     def logprobs(h, ids):  # (n, D), (n,) -> (n,)
-        logits = head(h).float()
+        logits = inner.lm_head(h).float()
         return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    # a fixed number of slices, not a fixed size: under ZeRO-3 each head call is a collective, so every rank must
-    # make as many as the others
     slices = zip(hidden.tensor_split(LOGPROB_CHUNKS), completion_ids.flatten().tensor_split(LOGPROB_CHUNKS))
     return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False) for h, ids in slices]).view(B, T)
 

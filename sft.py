@@ -162,7 +162,6 @@ if __name__ == "__main__":
         if (step + 1) % log_interval == 0 or "val_loss" in metrics:
             C.print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, model, tokenizer, opt, config,
-                                                    keep_checkpoints, keep_weights))
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, model, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total} examples in steps")
     C.finish()

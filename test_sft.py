@@ -257,7 +257,7 @@ def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
     for step in (1, 2, 3):
-        C.save_checkpoint(str(tmp_path), step, net, tok, opt, {}, keep=2, keep_weights=False)
+        C.save_checkpoint(str(tmp_path), step, net, tok, opt, {"keep_checkpoints": 2, "keep_weights": False})
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
-    C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {}, keep=1, keep_weights=False)  # a rerun from step 1
+    C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]

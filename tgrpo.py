@@ -277,7 +277,6 @@ if __name__ == "__main__":
                     samples.write(json.dumps(episode) + "\n")
                     C.print0("sample:", json.dumps(episode))
         if (step + 1) % ckpt_interval == 0 or step + 1 in (max_steps, stop):
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config,
-                                                    keep_checkpoints, keep_weights))
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
     C.finish()
