@@ -9,7 +9,6 @@ from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLForConditionalGe
 
 transformers.utils.logging.disable_progress_bar()  # one line per step is the log; no bars
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels the scripts' `attn` may name
-LOGPROB_CHUNKS = 8  # completion_logprobs' slices: at paper scale 8 rows x 768 tokens, one row's tokens each
 
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
@@ -125,10 +124,10 @@ def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
               use_cache=cache is not None).last_hidden_state
 
 
-def completion_logprobs(model, batch, completion_ids, completion_mask):
+def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8):
     """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion. The head
-    and log-softmax run on LOGPROB_CHUNKS slices of the tokens, each recomputed in backward, so the vocab-wide fp32
-    logits exist for one slice at a time; a fixed count, as under ZeRO-3 each head call is a collective."""
+    and log-softmax run on `slices` slices of the tokens (8 rows x 768 at paper scale: a row each), recomputed in
+    backward, so vocab-wide fp32 logits exist for one at a time; a fixed count: under ZeRO-3 each is a collective."""
     B, T = completion_ids.shape
     inner = unwrap(model)
     embeds = torch.cat([embed_prompts(model, batch), inner.model.get_input_embeddings()(completion_ids)], dim=1)
@@ -140,8 +139,8 @@ def completion_logprobs(model, batch, completion_ids, completion_mask):
     def logprobs(h, ids):  # (n, D), (n,) -> (n,)
         logits = inner.lm_head(h).float()
         return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    slices = zip(hidden.tensor_split(LOGPROB_CHUNKS), completion_ids.flatten().tensor_split(LOGPROB_CHUNKS))
-    return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False) for h, ids in slices]).view(B, T)
+    pieces = zip(hidden.tensor_split(slices), completion_ids.flatten().tensor_split(slices))
+    return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False) for h, ids in pieces]).view(B, T)
 
 # ----------------------------------------------------------------------------- generation with a KV cache
 

@@ -142,15 +142,15 @@ def real_vocab():
     return Qwen2_5_VLForConditionalGeneration(bench.config_7b(small=True)).eval()
 
 
-def logprobs_and_grads(net, batch, completion, mask):
+def logprobs_and_grads(net, batch, completion, mask, slices=8):
     net.zero_grad()
-    logp = M.completion_logprobs(net, batch, completion, mask)
+    logp = M.completion_logprobs(net, batch, completion, mask, slices)
     (logp * mask).sum().backward()
     return logp.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
-def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab, monkeypatch):
-    """The head and log-softmax run on LOGPROB_CHUNKS slices of the tokens, each recomputed in backward: values and
+def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab):
+    """The head and log-softmax run on slices of the tokens, each recomputed in backward: values and
     gradients equal one slice's, and no vocab-wide tensor is kept for backward (B x T x 152,064 fp32 logits were
     3.7 GB at 8 rows x 768 tokens, and backward held about four of them)."""
     net, config = real_vocab, real_vocab.config
@@ -160,10 +160,8 @@ def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab, monkey
                               0, 2)
     completion = torch.tensor([[151645, 5, 152063, 151643], [7, 151656, 9, 0], [1, 2, 3, 4]])  # special ids too
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
-    monkeypatch.setattr(M, "LOGPROB_CHUNKS", 1)
-    whole, whole_grads = logprobs_and_grads(net, batch, completion, mask)
-    monkeypatch.setattr(M, "LOGPROB_CHUNKS", 5)  # more slices than rows, fewer than tokens
-    sliced, sliced_grads = logprobs_and_grads(net, batch, completion, mask)
+    whole, whole_grads = logprobs_and_grads(net, batch, completion, mask, slices=1)
+    sliced, sliced_grads = logprobs_and_grads(net, batch, completion, mask, slices=5)  # more than rows, fewer than tokens
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)  # float rounding: sums split differently
     assert whole_grads.keys() == sliced_grads.keys() and "lm_head.weight" in whole_grads
     for name, grad in whole_grads.items():
