@@ -134,7 +134,7 @@ class Optimizer:
             self.model = self.engine
 
     def backward(self, loss, last=True):
-        """Add the gradient of `loss`; last=False for all micro-batches of a step but its last (DeepSpeed's boundary)."""
+        """Add the gradient of `loss`; last=False for every micro-batch but a step's last (DeepSpeed's boundary)."""
         if self.engine:  # the scripts run the engine's module directly, so do what engine.forward does first
             self.engine.optimizer.clear_backward_seen_flag()
             self.engine.set_gradient_accumulation_boundary(last)

@@ -61,8 +61,8 @@ def toy(tmp_path_factory):
 
 
 ON_RANK_1 = "import os\nif os.environ['RANK'] == '1':\n    "  # run_script's `before` for one rank of two
-RANK_1_CLIPS_FAIL = ON_RANK_1 + ("import data\n    def fail(record, **limits): raise data.DataError(record['path'] + ': gone')"
-                                 "\n    data.read_media = fail")
+RANK_1_CLIPS_FAIL = ON_RANK_1 + ("import data\n    def fail(record, **limits):\n"
+                                 "        raise data.DataError(record['path'] + ': gone')\n    data.read_media = fail")
 
 
 def run_script(script, *args, nproc=1, before="", timeout=300):

@@ -17,7 +17,8 @@ STEP = 12  # brightness step between generated frames, so a decoded frame tells 
 
 
 def write_mp4(path, n, fps, h=56, w=84, index_first=False):
-    """An H.264 clip whose frame i is uniformly grey at i*STEP % 256; index_first puts the moov atom before the frames."""
+    """An H.264 clip whose frame i is uniformly grey at i*STEP % 256; index_first puts the moov atom before the
+    frames."""
     with av.open(str(path), "w", options={"movflags": "faststart"} if index_first else {}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"

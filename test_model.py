@@ -161,7 +161,7 @@ def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab):
     completion = torch.tensor([[151645, 5, 152063, 151643], [7, 151656, 9, 0], [1, 2, 3, 4]])  # special ids too
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
     whole, whole_grads = logprobs_and_grads(net, batch, completion, mask, slices=1)
-    sliced, sliced_grads = logprobs_and_grads(net, batch, completion, mask, slices=5)  # more than rows, fewer than tokens
+    sliced, sliced_grads = logprobs_and_grads(net, batch, completion, mask, slices=5)  # > rows, < tokens
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)  # float rounding: sums split differently
     assert whole_grads.keys() == sliced_grads.keys() and "lm_head.weight" in whole_grads
     for name, grad in whole_grads.items():
