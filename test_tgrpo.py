@@ -327,4 +327,3 @@ def test_paper_config_runs_without_torchrun(toy, tmp_path):
                               "--max_steps=1", "--max_new_tokens=4", "--num_generations=2", "--num_contrast=1")
     assert code == 0, output[-6000:]
     assert os.path.isfile(tmp_path / "step_000001" / "model.safetensors")
-
