@@ -62,9 +62,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def setup_distributed():
-    """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use."""
+def setup_distributed(threads=0):
+    """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use.
+    threads > 0 fixes torch's CPU threads on a CPU run: summation order, hence every bit, depends on the thread
+    count (MKL's follows the CPUs visible), so only a fixed count repeats a run exactly (DETAILS.md)."""
     cuda = torch.cuda.is_available()
+    if threads and not cuda:
+        torch.set_num_threads(threads)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")

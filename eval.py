@@ -42,6 +42,7 @@ max_new_tokens = 256                 # paper scale: 1024, as the official eval
 max_prompt_tokens = 16384            # a longer prompt fails its sample alone (64 frames x 256*28*28 px: 8k tokens)
 batch_size = 8                       # prompts (ordered and shuffled) per generate call
 seed = 0                             # the shuffled frame order of each record, and sampling when temperature > 0
+threads = 1                          # CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
 attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 shuffled = False                     # also answer each video question on its frames shuffled (temporal reliance)
 # -----------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def table(summary):
 
 
 if __name__ == "__main__":
-    device = C.setup_distributed()
+    device = C.setup_distributed(threads)
     checkpoint = C.latest_checkpoint(model_path) or model_path
     paths = {os.path.splitext(os.path.basename(path))[0]: path for path in data.split(",")}
     if len(paths) < len(data.split(",")):

@@ -53,6 +53,7 @@ resume = False                       # continue bit-exactly from out_dir/latest
 keep_checkpoints = 0                 # the newest N checkpoints keep optimizer state; 0: all do
 keep_weights = True                  # older checkpoints keep their HF weights (False: deleted)
 run_steps = 0                        # stop this process after N steps (0: run to max_steps); resume continues
+threads = 1                          # CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
 attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False                    # gradient checkpointing (paper scale)
 deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) to use ZeRO; "" = plain torch
@@ -109,7 +110,7 @@ def validation_loss(model, val, tokenizer, device):
 
 
 if __name__ == "__main__":
-    device = C.setup_distributed()
+    device = C.setup_distributed(threads)
     torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
     ensure_default_inputs()
     path = train_json or os.path.join(data_dir, "sft.json")

@@ -261,3 +261,11 @@ def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
     C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
+
+
+def test_threads_fix_the_cpu_thread_count():
+    before = torch.get_num_threads()
+    try:
+        assert C.setup_distributed(threads=1) == "cpu" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -94,6 +94,7 @@ resume = False
 keep_checkpoints = 0                 # the newest N checkpoints keep optimizer state; 0: all do
 keep_weights = True                  # older checkpoints keep their HF weights (False: deleted)
 run_steps = 0                        # stop this process after N steps (0: to max_steps)
+threads = 1                          # CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
 attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False
 deepspeed = ""                       # configs/ds_zero3.json at paper scale
@@ -215,7 +216,7 @@ def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
 
 
 if __name__ == "__main__":
-    device = C.setup_distributed()
+    device = C.setup_distributed(threads)
     torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
     train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
     ckpt = C.latest_checkpoint(out_dir) if resume else None
