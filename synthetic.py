@@ -39,7 +39,7 @@ OBJ_FRAC = 0.34   # object side / frame side: 19 px at 56 px (8 px was not learn
 BIG_FRAC = 0.72   # the largest object of the size family (the smallest is OBJ_FRAC)
 OCR_FRAC = 0.8    # side of the OCR "word" block
 GAP_FRAC = 0.08   # cross families: the object's centre stays this far off the middle line
-CRF = "12"        # near-lossless H.264; the clips are tiny anyway
+QP = "0"          # lossless H.264: at CRF 12 x264's bits (and so the pixels) varied run to run, even on 1 thread
 FRAMES_PER_WORD = 2  # one OCR word per Qwen2.5-VL temporal patch (2 frames)
 # direction -> (where the object starts, where it ends, free-form wording)
 MOTION = {"left": ("at the right", "at the left", "right to left"),
@@ -183,7 +183,7 @@ def mc(answer, choices):
 
 def write_mp4(path, frames, fps):
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": CRF})
+        stream = container.add_stream("libx264", rate=fps, options={"qp": QP})
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
