@@ -6,19 +6,19 @@ ORDER (shuffling the frames destroys their answer); control families do not (shu
 | family     | problem_type    | temporal | data_type    | answer                                       |
 |------------|-----------------|----------|--------------|----------------------------------------------|
 | direction  | multiple choice | yes      | video        | letter of left / right / up / down           |
-| order      | multiple choice | yes      | video        | letter of the colour shown first (4 colours) |
+| order      | multiple choice | yes      | video        | letter of the n-th of 4 colours shown        |
 | size       | multiple choice | yes      | video        | letter of growing / shrinking                |
-| cross      | numerical       | yes      | video        | first frame (1-based) past the middle, 2..F  |
-| cross_time | regression      | yes      | video        | that frame's time in seconds, e.g. 1.5       |
-| ocr        | OCR             | yes      | video        | colour words in order, e.g. "red blue red"   |
+| change     | numerical       | yes      | video        | first frame (1-based) of the new colour, 2..F|
+| change_time| regression      | yes      | video        | that frame's time in seconds, e.g. 1.5       |
+| ocr        | OCR             | yes      | video        | one colour word per frame, e.g. "red blue"   |
 | describe   | free-form       | yes      | video        | "the red square moves from left to right"    |
-| colour     | multiple choice | no       | video, image | letter of the colour (4 colours)             |
+| colour     | multiple choice | no       | video, image | letter of the named shape's colour (of two)  |
 | shape      | multiple choice | no       | video, image | letter of square / circle / triangle         |
-| count      | numerical       | no       | video, image | number of objects, 1 to 4                    |
+| count      | numerical       | no       | video, image | number of small objects, 1 to 6              |
 
-Records are spread evenly over the families; within a family the MC letter, the count and the crossing frame
+Records are spread evenly over the families; within a family the MC letter, the count and the change frame
 cycle, so answers are balanced, and every second control record is an image. Colour, shape and position are
-random per record. Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 240]
+random per record. Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]
 """
 import argparse
 import json
@@ -36,11 +36,11 @@ COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 255), 
 SHAPES = ["square", "circle", "triangle"]
 BACKGROUND = (16, 16, 16)
 OBJ_FRAC = 0.34   # object side / frame side: 19 px at 56 px (8 px was not learnable, 18 px was)
-BIG_FRAC = 0.72   # the largest object of the size family (the smallest is OBJ_FRAC)
+SMALL_FRAC = 0.2  # the count family's objects: 11 px, one per 14-px cell
+BIG_FRAC = 0.5    # the largest object of the size family (the smallest is OBJ_FRAC); 0.72 saturated
 OCR_FRAC = 0.8    # side of the OCR "word" block
-GAP_FRAC = 0.08   # cross families: the object's centre stays this far off the middle line
 QP = "0"          # lossless H.264: at CRF 12 x264's bits (and so the pixels) varied run to run, even on 1 thread
-FRAMES_PER_WORD = 2  # one OCR word per Qwen2.5-VL temporal patch (2 frames)
+FRAMES_PER_WORD = 1  # two OCR words per Qwen2.5-VL temporal patch (2 frames)
 # direction -> (where the object starts, where it ends, free-form wording)
 MOTION = {"left": ("at the right", "at the left", "right to left"),
           "right": ("at the left", "at the right", "left to right"),
@@ -50,6 +50,7 @@ SPLITS = ("sft", "rl", "eval")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 TINY_VOCAB = 512  # the synthetic task's text needs few merges; a small vocab keeps the tiny model at ~0.7 M params
+NTH = ("first", "second", "third", "fourth")
 
 
 def paint(W, objs):
@@ -91,12 +92,14 @@ def moving(rng, slot, F, W, fps):
 
 
 def order(rng, slot, F, W, fps):
-    """One object alone in the first half, another alone in the second: equal frame counts, so only order tells."""
-    c1 = list(COLOURS)[slot % 4]
-    c2, (s1, s2) = str(rng.choice([c for c in COLOURS if c != c1])), [str(x) for x in rng.choice(SHAPES, 2)]
-    s = round(OBJ_FRAC * W)
-    objs = [(sh, c, *rng.uniform(s / 2 + 1, W - s / 2 - 1, 2), s) for sh, c in ((s1, c1), (s2, c2))]
-    return [paint(W, [objs[t >= F // 2]]) for t in range(F)], dict(c1=c1, c2=c2, s1=s1, s2=s2)
+    """The four colours one after another, F / 4 frames each; asked for the n-th (answer colour and n cycle). The
+    ends are easy to point at, the middle needs counting, which the tiny model does poorly (two objects, "which
+    colour appears first?", saturated at 93-98 %)."""
+    c, n, s = list(COLOURS)[slot % 4], slot // 4 % 4, round(OBJ_FRAC * W)
+    rest = [str(x) for x in rng.permutation([x for x in COLOURS if x != c])]
+    seq = rest[:n] + [c] + rest[n:]
+    objs = [(str(rng.choice(SHAPES)), col, *rng.uniform(s / 2 + 1, W - s / 2 - 1, 2), s) for col in seq]
+    return [paint(W, [objs[t * 4 // F]]) for t in range(F)], dict(c=c, nth=NTH[n], listed=", ".join(seq))
 
 
 def growth(rng, slot, F, W, fps):
@@ -110,18 +113,15 @@ def growth(rng, slot, F, W, fps):
     return frames, dict(colour=colour, shape=shape, word=word, first=first, last=last)
 
 
-def crossing(rng, slot, F, W, fps):
-    """Horizontal motion past the middle at frame k (cycled 2..F): before k on one side, from k on the other.
-    Shuffled, the side counts (k - 1 and F + 1 - k) leave k and F + 2 - k equally likely: the direction is lost."""
-    (colour,), (shape,) = pick(rng)
-    s, k, rightward = round(OBJ_FRAC * W), 2 + slot % (F - 1), rng.integers(2) == 0
-    lo, mid, gap = s / 2 + 1, W / 2, GAP_FRAC * W
-    xs = np.concatenate([np.linspace(lo, mid - gap, k - 1), np.linspace(mid + gap, W - lo, F - k + 1)])
-    y = rng.uniform(lo, W - lo)
-    a, b = ("left", "right") if rightward else ("right", "left")
+def change(rng, slot, F, W, fps):
+    """One block that turns from one colour to another at frame k (cycled 2..F). Shuffled, the colour counts
+    (k - 1 and F + 1 - k) leave k and F + 2 - k equally likely, as nothing tells which colour came first."""
+    c1 = list(COLOURS)[slot % 4]
+    c2, k = str(rng.choice([c for c in COLOURS if c != c1])), 2 + slot // 4 % (F - 1)
     t = str(round((k - 1) / fps, 2))  # frame k is shown at (k - 1) / fps seconds; str keeps a decimal: "3.0"
-    frames = [paint(W, [(shape, colour, x if rightward else W - x, y, s)]) for x in xs]
-    return frames, dict(colour=colour, shape=shape, a=a, b=b, before=k - 1, k=k, t=t)
+    seq = [c1] * (k - 1) + [c2] * (F - k + 1)
+    frames = [paint(W, [("square", c, W / 2, W / 2, OCR_FRAC * W)]) for c in seq]
+    return frames, dict(c1=c1, c2=c2, k=k, t=t, seq=", ".join(seq))
 
 
 def ocr(rng, slot, F, W, fps):
@@ -134,39 +134,45 @@ def ocr(rng, slot, F, W, fps):
 
 
 def count(rng, slot, F, W, fps):
-    """1 to 4 (cycled) objects of distinct colours, one per quadrant so they never touch; a still clip."""
-    n = slot % 4 + 1
-    colours, shapes = pick(rng, n)
-    jitter = rng.uniform(-0.05 * W, 0.05 * W, (n, 2))
-    objs = [(sh, c, (q % 2 + 0.5) * W / 2 + jx, (q // 2 + 0.5) * W / 2 + jy, round(OBJ_FRAC * W))
-            for sh, c, q, (jx, jy) in zip(shapes, colours, rng.permutation(4), jitter)]
+    """1 to 6 (cycled) small objects, one per cell of a 4 x 4 grid, so one 28-px token may hold several; still."""
+    n, cell = slot % 6 + 1, W / 4
+    colours, shapes = [str(c) for c in rng.choice(list(COLOURS), n)], [str(s) for s in rng.choice(SHAPES, n)]
+    objs = [(sh, c, (q % 4 + 0.5) * cell, (q // 4 + 0.5) * cell, round(SMALL_FRAC * W))
+            for sh, c, q in zip(shapes, colours, rng.permutation(16))]
     names = [f"a {c} {sh}" for sh, c in zip(shapes, colours)]
     listed = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return [paint(W, objs)] * F, dict(n=n, listed=listed)
 
 
+def pair(rng, slot, F, W, fps):
+    """Two still objects, shapes and colours distinct; asked for one shape's colour, the model must bind the two."""
+    c1, s1 = list(COLOURS)[slot % 4], SHAPES[slot // 4 % 3]
+    c2, s2 = str(rng.choice([c for c in COLOURS if c != c1])), str(rng.choice([x for x in SHAPES if x != s1]))
+    objs = [(sh, c, (q % 2 + 0.5) * W / 2, (q // 2 + 0.5) * W / 2, round(OBJ_FRAC * W))
+            for sh, c, q in zip((s1, s2), (c1, c2), rng.permutation(4))]
+    return [paint(W, objs)] * F, dict(colour=c1, shape=s1, c2=c2, s2=s2)
+
+
 MOVED = "In the first frames the {colour} {shape} is {start}; in the last frames it is {end}."
-CROSSED = "The {colour} {shape} is at the {a} up to frame {before} and at the {b} from frame {k}"
+CHANGED = "The frames show {seq}. So the colour changes from {c1} to {c2} at frame {k}"
 # name -> (scene, temporal, problem_type, question, MC choices, answer template, reasoning template)
 FAMILIES = {
     "direction": (moving, True, "multiple choice", "Which way does the object move?", list(MOTION),
                   "{d}", MOVED + " So it moves {d}."),
-    "order": (order, True, "multiple choice", "Which colour appears first?", list(COLOURS),
-              "{c1}", "The {c1} {s1} is shown in the first frames and the {c2} {s2} in the last frames. "
-                      "So {c1} comes first."),
+    "order": (order, True, "multiple choice", "Which colour appears {nth}?", list(COLOURS),
+              "{c}", "The colours come in the order {listed}. So the {nth} is {c}."),
     "size": (growth, True, "multiple choice", "Is the object growing or shrinking?", ["growing", "shrinking"],
              "{word}", "In the first frames the {colour} {shape} is {first}; in the last frames it is {last}. "
                        "So it is {word}."),
-    "cross": (crossing, True, "numerical", "At which frame does the object cross the middle?", None,
-              "{k}", CROSSED + "."),
-    "cross_time": (crossing, True, "regression", "At what time in seconds does the object cross the middle?", None,
-                   "{t}", CROSSED + ", which is at {t} seconds."),
+    "change": (change, True, "numerical", "At which frame does the colour change?", None, "{k}", CHANGED + "."),
+    "change_time": (change, True, "regression", "At what time in seconds does the colour change?", None,
+                    "{t}", CHANGED + ", which is at {t} seconds."),
     "ocr": (ocr, True, "OCR", "Read the colour words in the video in order.", None,
             "{text}", "The blocks show {listed}."),
     "describe": (moving, True, "free-form", "Describe how the object moves.", None,
                  "the {colour} {shape} moves from {path}", MOVED),
-    "colour": (moving, False, "multiple choice", "What colour is the object?", list(COLOURS),
-               "{colour}", "The object is a {colour} {shape}. So its colour is {colour}."),
+    "colour": (pair, False, "multiple choice", "What colour is the {shape}?", list(COLOURS),
+               "{colour}", "The {shape} is {colour} and the {s2} is {c2}. So the {shape} is {colour}."),
     "shape": (moving, False, "multiple choice", "What shape is the object?", SHAPES,
               "{shape}", "The object is a {colour} {shape}. So its shape is {shape}."),
     "count": (count, False, "numerical", "How many objects are there?", None,
@@ -201,8 +207,8 @@ def make_split(out_dir, split, n, seed, first_id, F, W, fps):
         slot = k if temporal else k // 2  # ... and the answers cycle independently of that
         frames, facts = scene(rng, slot, F, W, fps)
         answer, think = answer.format(**facts), think.format(**facts)
-        rec = {"problem_id": first_id + i, "problem": question, "data_type": "image" if image else "video",
-               "problem_type": ptype}
+        rec = {"problem_id": first_id + i, "problem": question.format(**facts), "problem_type": ptype,
+               "data_type": "image" if image else "video"}
         if choices:
             rec["options"], answer = mc(answer, choices)
         path = f"images/{split}_{i:05d}.png" if image else f"videos/{split}_{i:05d}.mp4"
@@ -216,7 +222,7 @@ def make_split(out_dir, split, n, seed, first_id, F, W, fps):
     return records
 
 
-def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=240, frames=8, size=56, fps=2):
+def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56, fps=2):
     """Write the task under out_dir; returns {"sft": path, "rl": path, "eval": path} of the JSON files."""
     # even frame counts and multiples of 28 px map exactly onto Qwen2.5-VL's 2-frame, 28-px patches
     assert 8 <= frames <= 16 and frames % 2 == 0 and size % 28 == 0, "8-16 frames, even; size a multiple of 28"
@@ -279,7 +285,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
-    for name, default in (("n_sft", 800), ("n_rl", 400), ("n_eval", 240), ("frames", 8), ("size", 56), ("fps", 2)):
+    for name, default in (("n_sft", 800), ("n_rl", 400), ("n_eval", 400), ("frames", 8), ("size", 56), ("fps", 2)):
         p.add_argument(f"--{name}", type=int, default=default)
     args = p.parse_args()
     t0 = time.time()
