@@ -171,7 +171,7 @@ def test_size_and_count_clips(task):
     for path, r in records_of(task, "size"):
         area = [object_mask(f).sum() for f in frames_of(path)]
         area = area if answer_option(r) == "growing" else area[::-1]
-        assert np.all(np.diff(area) >= 0) and area[-1] > 1.5 * area[0]  # BIG_FRAC / OBJ_FRAC = 1.47 per side
+        assert np.all(np.diff(area) >= 0) and area[-1] > 1.5 * area[0]  # the side grows by BIG_FRAC / OBJ_FRAC
     for path, r in records_of(task, "count"):  # one object per cell of a 4 x 4 grid, centred in it
         mask = object_mask(first_frame(path, r))
         assert sum(mask[7 + 14 * (q // 4), 7 + 14 * (q % 4)] for q in range(16)) == int(answer_of(r))
