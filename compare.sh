@@ -5,11 +5,12 @@
 # Every model, the SFT one included, is evaluated with the shuffled-frame diagnostic; plot.py draws the curves and
 # the table.
 #   python synthetic.py out/synthetic && python sft.py      # once
-#   bash compare.sh [out/compare] ["0 1 2"]                 # STEPS=200 LR=1e-4 SFT=out/sft by default
+#   bash compare.sh [out/compare] ["0 1 2"]                 # STEPS=150 LR=1e-4 SFT=out/sft JOBS=2 by default
 set -euo pipefail
 root=${1:-out/compare}
 seeds=${2:-"0 1 2"}
-steps=${STEPS:-200}
+steps=${STEPS:-150}
+jobs=${JOBS:-2}
 lr=${LR:-1e-4}
 sft=${SFT:-out/sft}
 declare -A methods=(
@@ -21,13 +22,20 @@ declare -A methods=(
 )
 mkdir -p "$root"
 python eval.py --model_path="$sft" --shuffled=True --out_dir="$root/sft/eval" > /dev/null
+run_one() {  # seed method: train from the SFT checkpoint, then evaluate
+  local run="$root/${2}_seed$1"
+  # shellcheck disable=SC2086  # the method's flags are separate words
+  python tgrpo.py --init_from="$sft" --seed="$1" ${methods[$2]} --max_steps="$steps" --lr="$lr" \
+    --ckpt_interval="$steps" --out_dir="$run" > "$run.log" 2>&1
+  python eval.py --model_path="$run" --shuffled=True --out_dir="$run/eval" > /dev/null
+}
+pids=()
 for seed in $seeds; do
   for method in grpo tgrpo tgrpo_adv tgrpo_noscale grpo_noscale; do
-    run="$root/${method}_seed$seed"
-    # shellcheck disable=SC2086  # the method's flags are separate words
-    python tgrpo.py --init_from="$sft" --seed="$seed" ${methods[$method]} --max_steps="$steps" --lr="$lr" \
-      --ckpt_interval="$steps" --out_dir="$run" > "$root/${method}_seed$seed.log"
-    python eval.py --model_path="$run" --shuffled=True --out_dir="$run/eval" > /dev/null
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 5; done  # JOBS runs at once, one CPU thread each
+    run_one "$seed" "$method" &
+    pids+=($!)
   done
 done
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the comparison
 python plot.py "$root"
