@@ -2,17 +2,9 @@
 
 Pure functions (numpy and rouge-score only, no torch) so they can be tested exhaustively. The accuracy and format
 rules follow the official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules
-come in two flavours, rule="paper" (the default) and rule="official" (vllm_grpo_trainer_modified.py).
-
-Deliberate departures from the official code:
-- Any number that is nan/inf or overflows ("1e999") earns 0. Officially a regression answer "nan" earns 1.0
-  (max(0, nan) is 0 in Python), and "inf" matches "inf" in numerical; no answer may beat the correct one.
-- Regression uses |pred - gt| / |gt| without the official +1e-9 terms, so an exact answer earns exactly 1; with
-  gt == 0 (officially every answer, even "0", earns 0) an exact 0 earns 1 and anything else 0.
-- problem_type is per sample (the official code uses the batch's first), and an unknown type raises ValueError
-  (officially it silently earns 0).
-Kept on purpose: a solution without an <answer> tag has the answer "" (as officially), so only an empty answer
-matches it; the training data always tags its solutions.
+come in two flavours, rule="paper" (the default) and rule="official" (vllm_grpo_trainer_modified.py). Where this
+departs from the official code on purpose (no answer may beat the correct one: nan, inf and overflowing numbers
+earn 0; an exact regression answer earns exactly 1; problem_type per sample): DETAILS.md, "Reward semantics".
 """
 import math
 import re
