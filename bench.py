@@ -6,16 +6,22 @@
 A clip of random frames shown in order to G rows, shuffled to G~ rows: rollouts to new_tokens (none stops early) in
 one generate call, each clip encoded once, against the official two model.generate calls (the second for p~ only)
 with the pixels repeated per row; then the log-prob + backward pass of the G ordered rows both ways.
+--memory=True instead: peak RSS of one T-GRPO step, full fine-tuning against LoRA (README: "Fewer GPUs").
 """
+import copy
 import importlib.util
+import multiprocessing
+import resource
 import sys
 import time
 import numpy as np
 import torch
+from peft import get_peft_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 import common as C
 import data
 import model as M
+import tgrpo
 
 model_path = "out/tiny-qwen2.5-vl"  # any Qwen2.5-VL folder
 random_7b = ""                      # "full": Qwen2.5-VL-7B's architecture with random weights instead of model_path;
@@ -30,6 +36,7 @@ grad_ckpt = False                   # gradient checkpointing in the log-prob + b
 repeats = 3                         # timings are the best of this many
 peak_tflops = 989.0                 # dense bf16 peak of the GPU (H100 and H200 SXM), for MFU
 hbm_tb_s = 3.35                     # its memory bandwidth (H100 SXM; H200: 4.8), for the decode bound
+memory = False                      # True: memory_peak() with full fine-tuning and with LoRA, in forked processes
 C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(random_7b=("", "full", "small")))
 
 
@@ -91,7 +98,30 @@ def hf_logprobs(net, batch, ids, mask):
     return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def memory_peak(lora):
+    """Peak RSS (MB) of a process through one T-GRPO step on CPU, a rollout and tgrpo.train_step (reference, loss,
+    backward, AdamW update), on config_7b's small model at text hidden 512, 4 layers; LoRA: rank 16, tgrpo's targets."""
+    config, G = config_7b(True), num_generations
+    config.text_config.update(dict(hidden_size=512, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, layer_types=["full_attention"] * 4))
+    config.vision_config.out_hidden_size = 512
+    torch.manual_seed(0)
+    net = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    net = get_peft_model(net, M.lora_config(dict(tgrpo.config, lora_rank=16))) if lora else net
+    ref = net if lora else copy.deepcopy(net)  # LoRA: the policy, its adapters off (train_step)
+    batch = prompt_batch(config, "cpu")
+    ids, mask = M.generate(net.eval(), batch, new_tokens, [], 0, generator=torch.Generator().manual_seed(0))
+    tgrpo.train_step(C.Optimizer(net.train(), 1e-5, 0.01, 1.0), net, ref, batch.select(range(G)), ids[:G], mask[:G],
+                     torch.randn(G, generator=torch.Generator().manual_seed(0)), 1e-5, "cpu")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 if __name__ == "__main__":
+    if memory:  # each in a process forked before any model exists
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        full, lora = [multiprocessing.get_context("fork").Pool(1).apply(memory_peak, (lora,)) for lora in (False, True)]
+        sys.exit(print(f"peak RSS of one T-GRPO step: full {full:.0f} MB, LoRA {lora:.0f} MB, {lora / full:.2f}x; "
+                       f"less the {start:.0f} MB before the model: {(lora - start) / (full - start):.2f}x"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if random_7b:
         torch.manual_seed(0)

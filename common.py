@@ -11,10 +11,11 @@ import sys
 import torch
 import torch.distributed as dist
 import data
-from model import collate_prompts, load_model, unwrap
+from model import collate_prompts, load_model, lora_config, lora_of, unwrap
 
 SEED_BITS = 62  # a torch.Generator seed drawn from a numpy stream: 62 bits stay clear of int64's sign
 ATTN = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"  # the scripts' attention default
+ADAPTER = "adapter"  # a LoRA checkpoint's subfolder holding the adapter in peft's format
 
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
 
@@ -126,14 +127,15 @@ class Optimizer:
 
     def __init__(self, model, lr, weight_decay, grad_clip, betas=(0.9, 0.999), deepspeed_config=""):
         self.grad_clip, self.engine, self.model = grad_clip, None, model
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-        if deepspeed_config:
+        ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip} if deepspeed_config else {}
+        fused = "offload_optimizer" in ds.get("zero_optimization", {}) or None  # a CPU step: as fast as DeepSpeed's
+        params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters (and merger) only
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+        if ds:
             import deepspeed
             if not dist.is_initialized():  # no torchrun: one process, else DeepSpeed would look for MPI
                 os.environ.setdefault("LOCAL_RANK", "0")
                 dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1)
-            ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip}
             self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=ds)
             self.model = self.engine
 
@@ -196,25 +198,39 @@ def generation_phase(model):
     return contextlib.nullcontext()
 
 
-def frozen_reference(path, device, dtype, deepspeed_config="", attn="sdpa"):
-    """The KL reference: a frozen copy of the starting policy in the policy's dtype. Under ZeRO-3 it is
-    partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 each GPU holds it."""
-    ref, _ = load_model(path, device, attn=attn, dtype=dtype)
-    ref.requires_grad_(False).eval()
-    if deepspeed_config:
-        ds = read_deepspeed_config(deepspeed_config)
-        if ds.get("zero_optimization", {}).get("stage") == 3:
-            import deepspeed
-            ref = deepspeed.initialize(model=ref, config=ds)[0]
+def start_training(config, init, device):
+    """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer and first step: from `init`,
+    or resumed from out_dir's latest checkpoint (LoRA: its adapter, on the base it started from). bf16 weights on GPU
+    where DeepSpeed keeps fp32 masters or LoRA freezes the base, else fp32 trained under bf16 autocast."""
+    ckpt = latest_checkpoint(config["out_dir"]) if config["resume"] else None
+    if config["resume"] and not ckpt:
+        print0(f"WARNING: resume=True but {config['out_dir']} holds no checkpoint: starting at step 0")
+    dtype = torch.bfloat16 if "cuda" in device and (config["deepspeed"] or config["lora_rank"]) else torch.float32
+    path = os.path.join(ckpt, ADAPTER) if ckpt and config["lora_rank"] else ckpt or init
+    model, tokenizer = load_model(path, device, config["grad_ckpt"], config["attn"], dtype, lora_config(config))
+    opt = Optimizer(model, *map(config.get, ("lr", "weight_decay", "grad_clip")), deepspeed_config=config["deepspeed"])
+    return opt.model, tokenizer, opt, load_training_state(ckpt, opt)["step"] if ckpt else 0
+
+
+def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
+    """Full fine-tuning's KL reference: a frozen copy of the starting policy on its device, in its dtype. Under ZeRO-3
+    it is partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 each GPU holds it."""
+    weight = next(unwrap(policy).parameters())
+    ref = load_model(path, weight.device, attn=attn, dtype=weight.dtype)[0].requires_grad_(False).eval()
+    ds = read_deepspeed_config(deepspeed_config) if deepspeed_config else {}
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+        ref = deepspeed.initialize(model=ref, config=ds)[0]
     return ref
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
 
 
 def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
-    """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads, the
-    optimizer/DeepSpeed state and the run config. It is built under a temporary name and renamed into place, and
-    `latest` is replaced atomically after it, so a kill at any moment leaves the last good checkpoint whole.
+    """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads (LoRA: merged;
+    the adapter in step_N/adapter), the optimizer/DeepSpeed state and the run config. It is built under a temporary
+    name and renamed into place, and `latest` is replaced atomically after it, so a kill at any moment leaves the
+    last good checkpoint whole.
     No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank). Checkpoints
     older than the newest config["keep_checkpoints"] (0: none) keep their HF weights (config["keep_weights"]) or go."""
     keep, keep_weights = config.get("keep_checkpoints", 0), config.get("keep_weights", True)
@@ -225,14 +241,17 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    try:
-        if optimizer.engine:  # every rank writes its own ZeRO partition; rank 0 the gathered 16-bit HF weights
-            optimizer.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)  # step_N/latest: ours
-            zero3 = optimizer.engine.zero_optimization_stage() == 3
-            state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks
-        else:
-            state_dict = None
+    state_dict = None
+    try:  # every rank writes its own ZeRO partition, rank 0 the gathered 16-bit weights; LoRA: none of the frozen base
+        if optimizer.engine:
+            optimizer.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False,  # step_N/latest: ours
+                                             exclude_frozen_parameters=True)
+            if is_zero3(optimizer.model):  # all ranks take part
+                state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
         if RANK == 0:
+            if lora := lora_of(model):  # the adapter, and the weights merged as eval.py merges them: base from disk
+                lora.save_pretrained(os.path.join(tmp, ADAPTER), state_dict=state_dict)
+                state_dict = load_model(f"{tmp}/{ADAPTER}", "cpu", dtype=next(model.parameters()).dtype)[0].state_dict()
             unwrap(model).save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if not optimizer.engine:
@@ -305,7 +324,7 @@ def open_log(path, step):
 def load_training_state(ckpt, optimizer):
     """Restore the optimizer/DeepSpeed state (weights come through load_model(ckpt)); returns run.json."""
     if optimizer.engine:
-        optimizer.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=True)
+        optimizer.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=lora_of(optimizer.model) is None)
     else:
         optimizer.opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
     with open(os.path.join(ckpt, "run.json")) as f:

@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass
 import torch
 import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLForConditionalGeneration
 
@@ -11,8 +12,12 @@ transformers.utils.logging.disable_progress_bar()  # one line per step is the lo
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels the scripts' `attn` may name
 
 
-def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
-    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code."""
+def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None):
+    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code. `lora` (a
+    LoraConfig) adds fresh adapters; an adapter folder loads on the (absolute) base folder its adapter_config.json
+    names: merged, or trainable when `lora` is given and matches it (a LoRA run resuming)."""
+    adapter = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
+    path = os.path.abspath(LoraConfig.from_pretrained(adapter).base_model_name_or_path if adapter else path)
     if not os.path.isfile(os.path.join(path, "config.json")):  # else transformers would ask the hub for it by name
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); models load from local folders only")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
@@ -20,9 +25,29 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None):
                                                                trust_remote_code=False).to(device)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=lora is not None)
+        keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+        if lora and [getattr(model.peft_config["default"], k) for k in keys] != [getattr(lora, k) for k in keys]:
+            raise ValueError(f"{adapter} was trained with other lora_* settings than this run's")
+        model = model if lora else model.merge_and_unload()
+    elif lora:
+        model = get_peft_model(model, lora)
+        if missing := lora.target_modules - {name.rsplit(".", 1)[1] for name in model.targeted_module_names}:
+            raise ValueError(f"lora_targets {sorted(missing)} match no module of the language model")
+    for p in [p for p in model.parameters() if lora and p.requires_grad]:  # on a bf16 base too (peft: adapters only)
+        p.data = p.data.float()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer
+
+
+def lora_config(config):
+    """peft's LoraConfig from a script's lora_* values (None: full fine-tuning). Targets match in the language model
+    only (the vision tower has an mlp.gate_proj too); lora_merger trains a copy of the merger (modules_to_save)."""
+    return LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                      target_modules=config["lora_targets"].split(","), exclude_modules=r"(?!model\.language_model).*",
+                      modules_to_save=["merger"] if config["lora_merger"] else None) if config["lora_rank"] else None
+
 
 def stop_ids(tokenizer):
     """A turn ends at <|im_end|>; Qwen2.5-VL-Instruct's generation config also stops at <|endoftext|>."""
@@ -53,9 +78,14 @@ def mrope_positions(mm_types, clip, tokens_per_second):
 
 # ----------------------------------------------------------------------------- batches, vision once, forward
 
+def lora_of(model):
+    """The peft wrapper of a LoRA run (inside a DeepSpeed engine or not), else None."""
+    return inner if isinstance(inner := getattr(model, "module", model), PeftModel) else None
+
+
 def unwrap(model):
-    """The Qwen2.5-VL module inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
+    """The Qwen2.5-VL module inside a DeepSpeed engine and a peft wrapper (peft's adapters live in its layers)."""
+    return lora_of(model).get_base_model() if lora_of(model) else getattr(model, "module", model)
 
 
 @dataclass
@@ -140,7 +170,9 @@ def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8)
         logits = inner.lm_head(h).float()
         return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
     pieces = zip(hidden.tensor_split(slices), completion_ids.flatten().tensor_split(slices))
-    return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False) for h, ids in pieces]).view(B, T)
+    # no metadata check of recomputed tensors: ZeRO-3 frees a frozen (LoRA) head weight again once it is used
+    return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False, determinism_check="none")
+                      for h, ids in pieces]).view(B, T)
 
 # ----------------------------------------------------------------------------- generation with a KV cache
 

@@ -56,6 +56,11 @@ run_steps = 0                        # stop this process after N steps (0: run t
 threads = 1                          # CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
 attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False                    # gradient checkpointing (paper scale)
+lora_rank = 0                        # > 0: train LoRA adapters of this rank (peft), base frozen; 0: full fine-tuning
+lora_alpha = 32                      # adapter scale alpha / rank
+lora_dropout = 0.0                   # > 0 draws masks from the global RNG, which checkpoints omit: resume not bit-exact
+lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # name suffixes, language model only
+lora_merger = False                  # LoRA: also train the vision merger (the vision tower stays frozen)
 deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) to use ZeRO; "" = plain torch
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))
@@ -118,15 +123,7 @@ if __name__ == "__main__":
     if len(records) <= val_records:
         raise data.DataError(f"{path}: {len(records)} usable records, too few to hold out val_records={val_records}")
     train, val = records[:-val_records], records[-val_records:]
-    ckpt = C.latest_checkpoint(out_dir) if resume else None
-    if resume and not ckpt:
-        C.print0(f"WARNING: resume=True but {out_dir} holds no checkpoint: starting at step 0")
-    # DeepSpeed keeps fp32 master weights itself; plain torch trains fp32 weights under bf16 autocast
-    dtype = torch.bfloat16 if (torch.device(device).type == "cuda" and deepspeed) else torch.float32
-    model, tokenizer = M.load_model(ckpt or model_path, device, grad_ckpt, attn, dtype)
-    opt = C.Optimizer(model, lr, weight_decay, grad_clip, deepspeed_config=deepspeed)
-    model = opt.model  # the DeepSpeed engine under ZeRO: every forward goes through it
-    start = C.load_training_state(ckpt, opt)["step"] if ckpt else 0
+    model, tokenizer, opt, start = C.start_training(config, model_path, device)
     C.print0(f"{len(train)} train / {len(val)} val records ({bad} bad skipped), "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, start at step {start}")
     log = C.open_log(os.path.join(out_dir, "metrics.jsonl"), start)

@@ -185,3 +185,22 @@ def test_two_ranks_equal_one(toy, shuffled_run, tmp_path):
     assert split == full
     assert os.path.getsize(tmp_path / "results.rank0.jsonl") and os.path.getsize(tmp_path / "results.rank1.jsonl")
     assert results_by_key(tmp_path) == results_by_key(full_dir)  # identical responses, sample by sample
+
+
+def test_a_lora_adapter_folder_answers_as_its_merged_checkpoint(toy, tmp_path):
+    """--model_path=step_N/adapter loads the base its adapter_config.json names, with the adapter merged in: the
+    same answers as step_N itself, and other answers than the base."""
+    import common as C
+    data_dir, model_path = toy
+    lora = dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets="q_proj,v_proj,down_proj", lora_merger=False)
+    net, tok = M.load_model(model_path, "cpu", lora=M.lora_config(lora))
+    g = torch.Generator().manual_seed(0)
+    for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapter do something
+        p.data += 0.5 * torch.randn(p.shape, generator=g)
+    step = C.save_checkpoint(str(tmp_path / "run"), 1, net, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora)
+    answers = {}
+    for name, path in (("adapter", os.path.join(step, C.ADAPTER)), ("merged", step), ("base", model_path)):
+        summary, _ = run_eval((data_dir, path), tmp_path / name)
+        assert summary["settings"]["checkpoint"] == path
+        answers[name] = {k: r["response"] for k, r in results_by_key(tmp_path / name).items()}
+    assert answers["adapter"] == answers["merged"] != answers["base"]

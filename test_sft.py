@@ -1,5 +1,5 @@
-"""sft.py: the loss ignores exactly the prompt positions; resume continues bit-exactly; bad data and config fail
-early or are counted; a failed checkpoint write leaves the previous one."""
+"""sft.py: the loss ignores exactly the prompt positions; resume continues bit-exactly (full and LoRA); bad data and
+config fail early or are counted; a failed checkpoint write leaves the previous one."""
 import errno
 import json
 import os
@@ -73,20 +73,22 @@ def metrics_of(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
-def test_resume_is_bit_exact(toy, tmp_path):
-    stdout = run_sft(toy, tmp_path / "straight", "--resume=True")  # nothing to resume: said, then from step 0
+@pytest.mark.parametrize("lora", [(), ("--lora_rank=4",)])
+def test_resume_is_bit_exact(toy, tmp_path, lora):
+    stdout = run_sft(toy, tmp_path / "straight", "--resume=True", *lora)  # nothing to resume: said, then from step 0
     assert f"WARNING: resume=True but {tmp_path / 'straight'} holds no checkpoint: starting at step 0" in stdout
-    run_sft(toy, tmp_path / "split", "--run_steps=2")
+    run_sft(toy, tmp_path / "split", "--run_steps=2", *lora)
     assert C.latest_checkpoint(str(tmp_path / "split")).endswith("step_000002")
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # steps 3 and 4 logged, then a kill before their
         f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 5, "lo')  # checkpoint: redone
-    run_sft(toy, tmp_path / "split", "--resume=True")
-    a = load_file(tmp_path / "straight" / "step_000004" / "model.safetensors")
-    b = load_file(tmp_path / "split" / "step_000004" / "model.safetensors")
+    run_sft(toy, tmp_path / "split", "--resume=True", *lora)
     start = load_file(os.path.join(toy[1], "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
+    for name in [os.path.join(C.ADAPTER, "adapter_model.safetensors")] * bool(lora) + ["model.safetensors"]:
+        a = load_file(tmp_path / "straight" / "step_000004" / name)
+        b = load_file(tmp_path / "split" / "step_000004" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], start[k]) for k in start)  # it did train (with LoRA: the merged weights)
     read = lambda d: [json.loads(line) for line in open(d / "metrics.jsonl")]
     losses = lambda rows: [(r["step"], r["loss"], r.get("val_loss")) for r in rows]
     assert losses(read(tmp_path / "straight")) == losses(read(tmp_path / "split"))

@@ -1,5 +1,5 @@
 """tgrpo.py: the loss against a naive loop, the clip, zero-variance groups, image/video batches, skipped clips,
-bit-exact resume, and 2-process DeepSpeed runs."""
+bit-exact resume, 2-process DeepSpeed runs, and LoRA (adapters only trained, the reference, checkpoints, resume)."""
 import json
 import os
 import subprocess
@@ -7,10 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
 import common as C
 import data
 import model as M
+import sft
 import tgrpo
 from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script
 
@@ -222,14 +225,15 @@ def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
         run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
 
 
-@pytest.mark.parametrize("zero", ["configs/ds_zero2.json", "configs/ds_zero3.json"])
-def test_two_process_deepspeed_runs_stay_in_sync(toy, tmp_path, zero):
-    """2 ranks under gloo; common.save_checkpoint raises if the ranks' weights differ."""
-    metrics = run_tgrpo(toy, tmp_path, f"--deepspeed={zero}", "--max_steps=2", nproc=2)
-    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+@pytest.mark.parametrize("zero", ["configs/ds_zero2.json", "configs/ds_zero3.json", "configs/ds_zero3_offload.json"])
+def test_two_process_deepspeed_runs_stay_in_sync(rl_ready, tmp_path, zero):
+    """2 ranks under gloo; common.save_checkpoint raises if the ranks' weights differ. ZeRO-3 with parameters and
+    optimizer offloaded to the CPU runs here too (torch's AdamW as the client optimizer: no C++ op to build)."""
+    metrics = run_tgrpo(rl_ready, tmp_path, f"--deepspeed={zero}", "--max_steps=2", "--max_new_tokens=20", nproc=2)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics) and metrics[-1]["grad_norm"] > 0
     trained = load_file(tmp_path / "step_000002" / "model.safetensors")
-    start = load_file(os.path.join(toy[1], "model.safetensors"))
-    assert any(not torch.equal(trained[k].float(), start[k].float()) for k in start)
+    start = load_file(os.path.join(rl_ready[1], "model.safetensors"))
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k].float(), start[k].float()) for k in start)
 
 
 def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
@@ -276,6 +280,9 @@ def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
     assert config["temporal_rule"] == "official" and config["mu"] == 0.8 and config["num_contrast"] == 4
     import sft
     tgrpo.C.configure(dict(vars(sft)), ["configs/sft_paper.py"])
+    for name in ("lora_1gpu", "lora_multi", "lora_3b"):  # each on top of the paper config
+        config = tgrpo.C.configure(dict(vars(tgrpo)), ["configs/tgrpo_paper.py", f"configs/tgrpo_{name}.py"])
+        assert config["lora_rank"] == 64 and config["out_dir"] == f"out/tgrpo_{name}" and M.lora_config(config)
     for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--contrast=rotate", "--loss_norm=x"):
         result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
                                 capture_output=True, text=True)
@@ -327,3 +334,113 @@ def test_paper_config_runs_without_torchrun(toy, tmp_path):
                               "--max_steps=1", "--max_new_tokens=4", "--num_generations=2", "--num_contrast=1")
     assert code == 0, output[-6000:]
     assert os.path.isfile(tmp_path / "step_000001" / "model.safetensors")
+
+
+LORA = dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=tgrpo.lora_targets, lora_merger=True)
+
+
+@pytest.fixture(scope="session")
+def rl_ready(toy, tmp_path_factory):
+    """The tiny model taught the answer format on 8 short targets, "<think>ok</think>" and a letter A-D in turn, so
+    that its rollouts earn rewards that differ within a group and T-GRPO has real gradients: the untrained model's
+    rewards are all 0, which leaves only weight decay acting."""
+    data_dir, model_path = toy
+    net, tok = M.load_model(model_path, "cpu")
+    records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
+    short = [dict(r, process="<think>ok</think>", solution=f"<answer>{'ABCD'[i % 4]}</answer>")
+             for i, r in enumerate(records[:8])]
+    batch, ids, mask, _, _ = sft.make_batch(net, short, tok, "cpu")
+    opt, threads = torch.optim.AdamW(net.parameters(), lr=3e-3), torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared CPU: one thread is several times faster than two
+    for _ in range(150):
+        sft.sft_loss(net, batch, ids, mask).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.set_num_threads(threads)
+    path = str(tmp_path_factory.mktemp("rl_ready"))
+    net.save_pretrained(path)
+    tok.save_pretrained(path)
+    return data_dir, path
+
+
+def lora_model_and_rollout(toy, monkeypatch, prompts=2):
+    """A LoRA policy (adapters on the language model, a trainable merger copy) and its ordered rollouts."""
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 6)
+    data_dir, model_path = toy
+    net, tok = M.load_model(model_path, "cpu", lora=M.lora_config(LORA))
+    records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
+    examples, rows, batch, ids, mask, _ = tgrpo.rollout(net.eval(), records[:prompts], tok, 0, "cpu")
+    return net, tok, tgrpo.ordered_batch(batch, rows, ids, mask)[:3]
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(toy, monkeypatch):
+    net, _, (batch, ids, mask) = lora_model_and_rollout(toy, monkeypatch)
+    layers = M.unwrap(net).config.text_config.num_hidden_layers
+    assert len(net.targeted_module_names) == 7 * layers  # q, k, v, o, gate, up, down of every layer, no vision module
+    assert all(name.startswith("model.language_model.layers.") for name in net.targeted_module_names)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = C.Optimizer(net, 1e-2, 0.01, 5.0)
+    advantages = torch.randn(len(ids), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        tgrpo.train_step(opt, net.train(), net, batch, ids, mask, advantages, 1e-2, "cpu")
+    trained = {k for k, v in net.state_dict().items() if not torch.equal(v, start[k])}
+    assert {k for k in trained if ".lora_B." in k} and {k for k in trained if ".modules_to_save." in k}
+    assert all(".lora_" in k or ".modules_to_save." in k for k in trained)  # every base weight bit-identical
+    base, _ = M.load_model(toy[1], "cpu")
+    with torch.no_grad():
+        with net.eval().disable_adapter():
+            reference = M.completion_logprobs(net, batch, ids, mask)
+        assert torch.equal(reference, M.completion_logprobs(base.eval(), batch, ids, mask))
+        assert (reference - M.completion_logprobs(net, batch, ids, mask)).abs().max() > 1e-3  # adapters on: not it
+
+
+def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch, tmp_path):
+    net, tok, (batch, ids, mask) = lora_model_and_rollout(toy, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapters do something
+        p.data += 0.1 * torch.randn(p.shape, generator=g)
+    step = C.save_checkpoint(str(tmp_path), 1, net, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4})
+    logprobs = lambda model: M.completion_logprobs(model.eval(), batch, ids, mask)
+    with torch.no_grad():
+        policy = logprobs(net)
+        merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(step)  # plain transformers
+        torch.testing.assert_close(logprobs(merged), policy, atol=1e-5, rtol=0)
+        assert (logprobs(merged) - logprobs(M.load_model(toy[1], "cpu")[0])).abs().max() > 1e-3
+        peft_model = PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy[1]),
+                                               os.path.join(step, C.ADAPTER))
+        assert torch.equal(logprobs(peft_model), policy)
+        eval_model, _ = M.load_model(os.path.join(step, C.ADAPTER), "cpu")  # eval.py's way: base + adapter, merged
+        torch.testing.assert_close(logprobs(eval_model), policy, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, ()), (2, ("--deepspeed=configs/ds_zero2.json",))])
+def test_lora_resume_is_bit_exact(rl_ready, tmp_path, nproc, extra):
+    """A LoRA run resumed from its adapter (on the base it started from) and optimizer state continues bit-exactly."""
+    args = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1", *extra)
+    straight = run_tgrpo(rl_ready, tmp_path / "a", *args, nproc=nproc)
+    run_tgrpo(rl_ready, tmp_path / "b", "--run_steps=2", *args, nproc=nproc)
+    resumed = run_tgrpo(rl_ready, tmp_path / "b", "--resume=True", *args, nproc=nproc)
+    keys = ["step", "reward", "accuracy", "format", "loss", "kl", "grad_norm"]
+    assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
+    assert max(m["grad_norm"] for m in straight) > 0 and max(m["kl"] for m in straight) > 0  # it really trained
+    a, b = (load_file(tmp_path / run / "step_000004" / C.ADAPTER / "adapter_model.safetensors") for run in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in a.items())
+
+
+def test_lora_under_zero3_equals_zero2(rl_ready, tmp_path):
+    """ZeRO-3 partitions the frozen base too (here every weight: persistence threshold 0), and checkpointed layers
+    and head slices recompute with it gathered again. With gradient checkpointing, the first update's loss, KL and
+    gradient norm (same rollouts) match ZeRO-2's, where every rank holds the whole base."""
+    ds = json.load(open("configs/ds_zero3.json"))
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    args = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1", "--max_steps=1", "--grad_ckpt=True")
+    two, three = (run_tgrpo(rl_ready, tmp_path / name, f"--deepspeed={config}", *args, nproc=2)
+                  for name, config in (("zero2", "configs/ds_zero2.json"), ("zero3", tmp_path / "zero3.json")))
+    assert two[0]["reward"] == three[0]["reward"] and two[0]["grad_norm"] > 0
+    for key in ("loss", "kl", "grad_norm"):
+        assert three[0][key] == pytest.approx(two[0][key], rel=1e-4, abs=1e-7), key
+    adapter = load_file(tmp_path / "zero3" / "step_000001" / C.ADAPTER / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # (Adam's first step is sign-like:
+    # weights whose gradient is near 0 may move differently, so the update is compared through its gradient norm)

@@ -35,6 +35,7 @@ Where this departs from the paper or the official code (DETAILS.md, "Paper vs of
   the sampling fps reaches the temporal positions; a failing clip is skipped and counted (skip_bad), never silently
   replaced by another sample.
 """
+import contextlib
 import json
 import math
 import os
@@ -97,6 +98,11 @@ run_steps = 0                        # stop this process after N steps (0: to ma
 threads = 1                          # CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
 attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False
+lora_rank = 0                        # > 0: train LoRA adapters of this rank (peft), base frozen; 0: full fine-tuning
+lora_alpha = 32                      # adapter scale alpha / rank
+lora_dropout = 0.0                   # > 0 draws masks from the global RNG, which checkpoints omit: resume not bit-exact
+lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # name suffixes, language model only
+lora_merger = False                  # LoRA: also train the vision merger (the vision tower stays frozen)
 deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(
@@ -203,7 +209,8 @@ def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
         with C.autocast(device):
             return M.completion_logprobs(model, batch, ids, mask)
     with torch.no_grad():
-        ref_logp = logprobs(ref) if beta else None
+        with M.lora_of(ref).disable_adapter() if ref is policy else contextlib.nullcontext():  # LoRA: no copy
+            ref_logp = logprobs(ref) if beta else None
         old_logp = logprobs(policy) if num_iterations > 1 else None
     for _ in range(num_iterations):
         logp = logprobs(policy)
@@ -219,19 +226,11 @@ if __name__ == "__main__":
     device = C.setup_distributed(threads)
     torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
     train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
-    ckpt = C.latest_checkpoint(out_dir) if resume else None
-    if resume and not ckpt:
-        C.print0(f"WARNING: resume=True but {out_dir} holds no checkpoint: starting at step 0")
-    start_path = ckpt or C.latest_checkpoint(init_from) or init_from
-    # DeepSpeed keeps fp32 master weights itself; plain torch trains fp32 weights under bf16 autocast
-    dtype = torch.bfloat16 if (torch.device(device).type == "cuda" and deepspeed) else torch.float32
-    policy, tokenizer = M.load_model(start_path, device, grad_ckpt, attn, dtype)
-    opt = C.Optimizer(policy, lr, weight_decay, grad_clip, deepspeed_config=deepspeed)
-    policy = opt.model  # the DeepSpeed engine under ZeRO: every forward goes through it
-    ref_path = C.latest_checkpoint(init_from) or init_from
-    ref = C.frozen_reference(ref_path, device, dtype, deepspeed, attn) if beta else None
-    start = C.load_training_state(ckpt, opt)["step"] if ckpt else 0
-    C.print0(f"T-GRPO from {start_path}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} "
+    init = C.latest_checkpoint(init_from) or init_from
+    policy, tokenizer, opt, start = C.start_training(config, init, device)
+    # the KL reference: with LoRA the policy itself, adapters disabled (train_step); else a frozen copy of the start
+    ref = (policy if lora_rank else C.frozen_reference(init, policy, deepspeed, attn)) if beta else None
+    C.print0(f"T-GRPO from {init}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} "
              f"rule={temporal_rule}, G={num_generations} G~={num_contrast}, start at step {start}")
     log, samples = (C.open_log(os.path.join(out_dir, name), start) for name in ("metrics.jsonl", "samples.jsonl"))
     stop, skipped_total = min(max_steps, start + run_steps) if run_steps else max_steps, 0
