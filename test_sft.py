@@ -235,7 +235,9 @@ def test_deepspeed_adds_up_micro_batches_as_plain_torch(accumulated, zero):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"])
     a = load_file(plain_dir / "step_000002" / "model.safetensors")
     b = load_file(ds_dir / "step_000002" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k].float(), rtol=0, atol=1e-5) for k in a)
+    # ZeRO-3 sums its partitions in another order: 1.1e-5 apart after two steps; the last-micro-batch bug moved
+    # weights by about lr (1e-3) and the grad norm by 2x
+    assert all(torch.allclose(a[k], b[k].float(), rtol=0, atol=1e-4) for k in a)
 
 
 def test_deepspeed_step_folders_load_as_checkpoints(accumulated):
