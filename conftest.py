@@ -12,7 +12,8 @@ import synthetic
 CORPUS = ["<think>In the first frames the red square is at the left. So it moves right.</think>\n<answer>B</answer>",
           "What colour is the square? Options:\nA. red\nB. green\nC. blue\nD. yellow\n",
           "Please think about this question as if you were a human pondering deeply. Provide your detailed reasoning "
-          "between the <think> and </think> tags, and then give your final answer between the <answer> and </answer> tags."]
+          "between the <think> and </think> tags, and then give your final answer between the <answer> and "
+          "</answer> tags."]
 
 
 @pytest.fixture(scope="session")

@@ -116,7 +116,8 @@ def run_batch(model, tokenizer, items, generator, device):
         answered.append((k, record))
     if answered:
         tokens_per_second = M.unwrap(model).config.vision_config.tokens_per_second
-        batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tokens_per_second, device)
+        batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tokens_per_second,
+                                  device)
         try:
             ids, mask = M.generate(model, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                                    temperature, top_p, generator)

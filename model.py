@@ -19,7 +19,8 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
     adapter = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
     path = os.path.abspath(LoraConfig.from_pretrained(adapter).base_model_name_or_path if adapter else path)
     if not os.path.isfile(os.path.join(path, "config.json")):  # else transformers would ask the hub for it by name
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); models load from local folders only")
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); models load from local folders "
+                                "only")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                                trust_remote_code=False).to(device)
@@ -103,7 +104,8 @@ class PromptBatch:
         """The given rows only; they keep pointing at the same clips."""
         index = torch.tensor(rows, device=self.input_ids.device)
         return PromptBatch(self.input_ids[index], self.attention_mask[index], self.mm_types[index],
-                           self.position_ids[:, index], self.next_pos[index], self.clips, [self.row_clip[b] for b in rows])
+                           self.position_ids[:, index], self.next_pos[index], self.clips,
+                           [self.row_clip[b] for b in rows])
 
 
 def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device="cpu"):
