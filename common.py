@@ -276,7 +276,10 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
             for gone in [f"{path}/optimizer.pt", f"{path}/deepspeed"] if keep_weights else [path]:
                 if os.path.exists(gone):  # renamed first: a kill midway leaves no part of it under its name
                     os.replace(gone, gone + ".del")
-                    shutil.rmtree(gone + ".del") if os.path.isdir(gone + ".del") else os.remove(gone + ".del")
+                    if os.path.isdir(gone + ".del"):
+                        shutil.rmtree(gone + ".del")
+                    else:
+                        os.remove(gone + ".del")
     barrier()
     return final
 
