@@ -262,6 +262,8 @@ if __name__ == "__main__":
         metrics["skipped"] *= C.WORLD  # a count, summed over ranks
         metrics["rollout_tokens_per_s"] *= C.WORLD
         metrics["skipped_at_load"], skipped_total = bad, skipped_total + metrics["skipped"]
+        if torch.cuda.is_available():  # this rank's peak so far, to check a memory plan against (README)
+            metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if log:
             log.write(json.dumps(metrics) + "\n")
             if (step + 1) % log_interval == 0:
