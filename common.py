@@ -18,8 +18,6 @@ ATTN = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 ADAPTER = "adapter"  # a LoRA checkpoint's subfolder holding the adapter in peft's format
 
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
-
-
 def configure(namespace, argv, choices=None):
     """Apply overrides to a script's config block (its globals of plain types) and write them back: config files
     (python assignments, e.g. configs/tgrpo_paper.py) and --key=value, in order. An unknown key, a value of another
@@ -54,14 +52,11 @@ def configure(namespace, argv, choices=None):
     return config
 
 # ----------------------------------------------------------------------------- distributed, one code path
-
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
 
 def print0(*args, **kwargs):
     if RANK == 0:
         print(*args, **kwargs, flush=True)
-
 
 def setup_distributed(threads=0):
     """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use.
@@ -78,11 +73,9 @@ def setup_distributed(threads=0):
         return f"cuda:{local_rank}"
     return "cpu"
 
-
 def autocast(device):
     """The one precision regime of every forward (policy, old policy, reference): bf16 autocast on GPU."""
     return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
 
 def mean_over_ranks(values, device):
     """Average each metric over ranks (NaN where no rank had a value, e.g. p with no video prompt)."""
@@ -92,11 +85,9 @@ def mean_over_ranks(values, device):
         dist.all_reduce(t)
     return [s / n if n else math.nan for s, n in t.tolist()]
 
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
 
 def finish():
     """End a worker: gloo sometimes aborts at interpreter exit after all work is done (DETAILS.md, library traps),
@@ -108,8 +99,6 @@ def finish():
         os._exit(0)
 
 # ----------------------------------------------------------------------------- optimizer, lr, ZeRO
-
-
 def read_deepspeed_config(path):
     """A DeepSpeed json with what the scripts decide themselves filled in: one micro-batch per backward (the scripts
     accumulate by hand: Optimizer.backward) and bf16 exactly when on GPU."""
@@ -118,7 +107,6 @@ def read_deepspeed_config(path):
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     ds.setdefault("bf16", {})["enabled"] = torch.cuda.is_available()
     return ds
-
 
 class Optimizer:
     """AdamW behind one interface for 1 process, N processes (gradients averaged by hand) and DeepSpeed ZeRO
@@ -166,7 +154,6 @@ class Optimizer:
         self.opt.zero_grad(set_to_none=True)
         return norm.item()
 
-
 def placeholder_batch(model, device):
     """(batch, ids, mask) for a rank whose records all failed: a 1-token video, 1 masked-out completion token. Zero
     loss and gradients, yet every module runs as on data: the rank's ZeRO collectives stay in step."""
@@ -176,7 +163,6 @@ def placeholder_batch(model, device):
     return (collate_prompts([prompt], [clip], [0], 0, c.vision_config.tokens_per_second, device),
             *torch.zeros(2, 1, 1, dtype=torch.long, device=device))
 
-
 def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
     if step < warmup_steps:
@@ -184,10 +170,8 @@ def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-
 def is_zero3(model):
     return hasattr(model, "zero_optimization_stage") and model.zero_optimization_stage() == 3
-
 
 def generation_phase(model):
     """Under ZeRO-3, weights gathered and per-module hooks (each call a collective, so ranks decoding different
@@ -196,7 +180,6 @@ def generation_phase(model):
         from deepspeed.runtime.zero import unwrap_model_for_generation
         return unwrap_model_for_generation(model)
     return contextlib.nullcontext()
-
 
 def start_training(config, init, device):
     """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer and first step: from `init`,
@@ -211,7 +194,6 @@ def start_training(config, init, device):
     opt = Optimizer(model, *map(config.get, ("lr", "weight_decay", "grad_clip")), deepspeed_config=config["deepspeed"])
     return opt.model, tokenizer, opt, load_training_state(ckpt, opt)["step"] if ckpt else 0
 
-
 def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
     """Full fine-tuning's KL reference: a frozen copy of the starting policy on its device, in its dtype. Under ZeRO-3
     it is partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 each GPU holds it."""
@@ -224,8 +206,6 @@ def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
     return ref
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
-
-
 def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
     """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads (LoRA: merged;
     the adapter in step_N/adapter), the optimizer/DeepSpeed state and the run config. It is built under a temporary
@@ -283,7 +263,6 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
     barrier()
     return final
 
-
 def check_in_sync(model):
     """Raise if the ranks' replicated weights have drifted apart (a position-weighted checksum). Skipped under
     ZeRO-3: each rank holds a different partition, and gathering them makes every rank's copy equal by
@@ -297,7 +276,6 @@ def check_in_sync(model):
     if any(not torch.equal(s, sums[0]) for s in sums):
         raise RuntimeError(f"ranks out of sync: weight checksums {[s.item() for s in sums]}")
 
-
 def latest_checkpoint(out_dir):
     path = os.path.join(out_dir, "latest")
     if not os.path.exists(path):
@@ -305,12 +283,10 @@ def latest_checkpoint(out_dir):
     with open(path) as f:
         return os.path.join(out_dir, f.read().strip())
 
-
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
-
 
 def open_log(path, step):
     """Rank 0's jsonl log of a run at `step`, to append to line by line (None on other ranks), without its lines of
@@ -322,7 +298,6 @@ def open_log(path, step):
         with open(path) as f:
             write_atomic(path, "".join(line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step))
     return open(path, "a", buffering=1)  # line-buffered: each line goes out whole as it is written
-
 
 def load_training_state(ckpt, optimizer):
     """Restore the optimizer/DeepSpeed state (weights come through load_model(ckpt)); returns run.json."""

@@ -11,7 +11,6 @@ from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLForConditionalGe
 transformers.utils.logging.disable_progress_bar()  # one line per step is the log; no bars
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels the scripts' `attn` may name
 
-
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None):
     """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code. `lora` (a
     LoraConfig) adds fresh adapters; an adapter folder loads on the (absolute) base folder its adapter_config.json
@@ -41,7 +40,6 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer
 
-
 def lora_config(config):
     """peft's LoraConfig from a script's lora_* values (None: full fine-tuning). Targets match in the language model
     only (the vision tower has an mlp.gate_proj too); lora_merger trains a copy of the merger (modules_to_save)."""
@@ -49,13 +47,11 @@ def lora_config(config):
                       target_modules=config["lora_targets"].split(","), exclude_modules=r"(?!model\.language_model).*",
                       modules_to_save=["merger"] if config["lora_merger"] else None) if config["lora_rank"] else None
 
-
 def stop_ids(tokenizer):
     """A turn ends at <|im_end|>; Qwen2.5-VL-Instruct's generation config also stops at <|endoftext|>."""
     return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 # ----------------------------------------------------------------------------- M-RoPE positions, by hand
-
 def mrope_positions(mm_types, clip, tokens_per_second):
     """(3, L) positions of one unpadded prompt with at most one vision block, by the rule the released checkpoints
     were trained with: vision tokens get (start + t*tokens_per_second*second_per_grid, start + row, start + col);
@@ -78,16 +74,13 @@ def mrope_positions(mm_types, clip, tokens_per_second):
     return pos
 
 # ----------------------------------------------------------------------------- batches, vision once, forward
-
 def lora_of(model):
     """The peft wrapper of a LoRA run (inside a DeepSpeed engine or not), else None."""
     return inner if isinstance(inner := getattr(model, "module", model), PeftModel) else None
 
-
 def unwrap(model):
     """The Qwen2.5-VL module inside a DeepSpeed engine and a peft wrapper (peft's adapters live in its layers)."""
     return lora_of(model).get_base_model() if lora_of(model) else getattr(model, "module", model)
-
 
 @dataclass
 class PromptBatch:
@@ -107,7 +100,6 @@ class PromptBatch:
                            self.position_ids[:, index], self.next_pos[index], self.clips,
                            [self.row_clip[b] for b in rows])
 
-
 def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device="cpu"):
     """encoded[b] = (ids, mm_types) of row b, as data.encode_prompt returns them."""
     B, P = len(encoded), max(len(ids) for ids, _ in encoded)
@@ -124,7 +116,6 @@ def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device=
     to = lambda x: x.to(device)
     return PromptBatch(to(input_ids), to(attention_mask), to(mm_types), to(position_ids), to(next_pos), clips, row_clip)
 
-
 def encode_vision(model, clips):
     """Run the vision tower once over the given clips (one call for all); returns per-clip merged features."""
     visual = unwrap(model).model.visual
@@ -132,7 +123,6 @@ def encode_vision(model, clips):
     pixels = torch.cat([c.pixel_values for c in clips]).to(device, visual.dtype)
     grids = torch.tensor([c.grid_thw for c in clips], device=device)
     return visual(pixels, grid_thw=grids).pooler_output.split([c.num_tokens for c in clips])
-
 
 def embed_prompts(model, batch):
     """Token embeddings with each distinct clip's features scattered into every row that shows it. Indexing the
@@ -147,14 +137,12 @@ def embed_prompts(model, batch):
     vision_mask = (batch.mm_types != 0).unsqueeze(-1).expand_as(embeds)
     return embeds.masked_scatter(vision_mask, per_row)
 
-
 def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
     """The language model on embeddings with explicit 3-D positions; logits are left to the caller, so that only
     completion positions ever pay for the (vocab-sized) head."""
     lm = unwrap(model).model.language_model
     return lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
               use_cache=cache is not None).last_hidden_state
-
 
 def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8):
     """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion. The head
@@ -177,7 +165,6 @@ def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8)
                       for h, ids in pieces]).view(B, T)
 
 # ----------------------------------------------------------------------------- generation with a KV cache
-
 def sample_token(logits, temperature, top_p, generator):
     """temperature 0 is greedy; otherwise nucleus sampling from the smallest set of tokens with mass >= top_p."""
     if temperature == 0:
@@ -188,7 +175,6 @@ def sample_token(logits, temperature, top_p, generator):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
 
 @torch.no_grad()
 def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, generator=None):
