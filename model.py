@@ -18,8 +18,7 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
     adapter = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
     path = os.path.abspath(LoraConfig.from_pretrained(adapter).base_model_name_or_path if adapter else path)
     if not os.path.isfile(os.path.join(path, "config.json")):  # else transformers would ask the hub for it by name
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); models load from local folders "
-                                "only")
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json; models load from local folders)")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                                trust_remote_code=False).to(device)
@@ -54,9 +53,8 @@ def stop_ids(tokenizer):
 # ----------------------------------------------------------------------------- M-RoPE positions, by hand
 def mrope_positions(mm_types, clip, tokens_per_second):
     """(3, L) positions of one unpadded prompt with at most one vision block, by the rule the released checkpoints
-    were trained with: vision tokens get (start + t*tokens_per_second*second_per_grid, start + row, start + col);
-    text after the block resumes at the block's largest position + 1. transformers 5.24's get_rope_index resumes at
-    start + max(h, w)/2 instead (DETAILS.md, library traps), which overlaps a long video's temporal positions."""
+    were trained with: vision tokens get (start + t*tokens_per_second*second_per_grid, start + row, start + col),
+    text after them the block's largest position + 1, where transformers 5.24 overlaps a long video (DETAILS.md)."""
     L = len(mm_types)
     pos = torch.arange(L).expand(3, L).clone()
     vision = torch.tensor(mm_types).nonzero().flatten()
@@ -116,30 +114,25 @@ def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device=
     to = lambda x: x.to(device)
     return PromptBatch(to(input_ids), to(attention_mask), to(mm_types), to(position_ids), to(next_pos), clips, row_clip)
 
-def encode_vision(model, clips):
-    """Run the vision tower once over the given clips (one call for all); returns per-clip merged features."""
-    visual = unwrap(model).model.visual
-    device = next(visual.parameters()).device
-    pixels = torch.cat([c.pixel_values for c in clips]).to(device, visual.dtype)
-    grids = torch.tensor([c.grid_thw for c in clips], device=device)
-    return visual(pixels, grid_thw=grids).pooler_output.split([c.num_tokens for c in clips])
-
 def embed_prompts(model, batch):
-    """Token embeddings with each distinct clip's features scattered into every row that shows it. Indexing the
-    shared features per row lets autograd sum the rows' gradients into one encoding: the same gradients as if
-    each row had encoded its own copy, at 1/rows the vision cost."""
+    """Token embeddings with the features of each distinct clip, from one vision tower call for all, scattered into
+    every row that shows it. Indexing the shared features per row lets autograd sum the rows' gradients into one
+    encoding: the same gradients as if each row had encoded its own copy, at 1/rows the vision cost."""
     embeds = unwrap(model).model.get_input_embeddings()(batch.input_ids)
-    used = sorted({c for c in batch.row_clip if c is not None})
-    if not used:
+    clips = {c: batch.clips[c] for c in sorted(set(batch.row_clip) - {None})}
+    if not clips:
         return embeds
-    features = dict(zip(used, encode_vision(model, [batch.clips[c] for c in used])))
+    visual = unwrap(model).model.visual
+    pixels = torch.cat([clip.pixel_values for clip in clips.values()]).to(embeds.device, visual.dtype)
+    grids = torch.tensor([clip.grid_thw for clip in clips.values()], device=embeds.device)
+    encoded = visual(pixels, grid_thw=grids).pooler_output.split([clip.num_tokens for clip in clips.values()])
+    features = dict(zip(clips, encoded))
     per_row = torch.cat([features[c] for c in batch.row_clip if c is not None]).to(embeds.dtype)
     vision_mask = (batch.mm_types != 0).unsqueeze(-1).expand_as(embeds)
     return embeds.masked_scatter(vision_mask, per_row)
 
 def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
-    """The language model on embeddings with explicit 3-D positions; logits are left to the caller, so that only
-    completion positions ever pay for the (vocab-sized) head."""
+    """The language model on embeddings with explicit 3-D positions; no head: only completion positions pay for it."""
     lm = unwrap(model).model.language_model
     return lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
               use_cache=cache is not None).last_hidden_state
@@ -185,20 +178,18 @@ def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     cache = DynamicCache(config=inner.config)
     mask = batch.attention_mask
     last = hidden_states(model, embed_prompts(model, batch), batch.position_ids, mask, cache)[:, -1]
-    position = batch.next_pos.clone()
-    stop = torch.tensor(stop_ids, device=position.device)
-    done = torch.zeros(B, dtype=torch.bool, device=position.device)
+    stop = torch.tensor(stop_ids, device=mask.device)
+    done = torch.zeros(B, dtype=torch.bool, device=mask.device)
     tokens = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = sample_token(inner.lm_head(last).float(), temperature, top_p, generator).masked_fill(done, pad_id)
         tokens.append(token)
         done |= torch.isin(token, stop)
         if done.all():
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        text_pos = position.view(1, B, 1).expand(3, B, 1)  # after the prompt all three M-RoPE rows advance together
+        text_pos = (batch.next_pos + step).view(1, B, 1).expand(3, B, 1)  # all three M-RoPE rows advance together
         last = hidden_states(model, inner.model.get_input_embeddings()(token[:, None]), text_pos, mask, cache)[:, -1]
-        position += 1
     ids = torch.stack(tokens, dim=1)
     is_stop = torch.isin(ids, stop).long()
     return ids, ((is_stop.cumsum(1) - is_stop) == 0).long()
