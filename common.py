@@ -19,22 +19,21 @@ ADAPTER = "adapter"  # a LoRA checkpoint's subfolder holding the adapter in peft
 
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
 def configure(namespace, argv, choices=None):
-    """Apply overrides to a script's config block (its globals of plain types) and write them back: config files
-    (python assignments, e.g. configs/tgrpo_paper.py) and --key=value, in order. An unknown key, a value of another
-    type or a value outside `choices` ({key: allowed values}) is an error raised before anything is loaded."""
+    """Apply config files (python assignments, e.g. configs/tgrpo_paper.py) and --key=value, in order, to a script's
+    config block (its globals of plain types). An unknown key, a value of another type or one outside `choices`
+    ({key: allowed values}) is an error raised before anything is loaded."""
     config = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
     for arg in argv:
+        overrides = {}
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             try:
-                value = ast.literal_eval(text)
+                overrides[key] = ast.literal_eval(text)
             except (ValueError, SyntaxError):
-                value = text  # a bare word is a string
-            overrides = {key: value}
+                overrides[key] = text  # a bare word is a string
         else:
-            overrides = {}
             with open(arg) as f:
                 exec(f.read(), {}, overrides)
         for key, value in overrides.items():
@@ -60,18 +59,17 @@ def print0(*args, **kwargs):
 
 def setup_distributed(threads=0):
     """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use.
-    threads > 0 fixes torch's CPU threads on a CPU run: summation order, hence every bit, depends on the thread
-    count (MKL's follows the CPUs visible), so only a fixed count repeats a run exactly (DETAILS.md)."""
+    threads > 0 fixes a CPU run's thread count: summation order, hence every bit, depends on it (DETAILS.md)."""
     cuda = torch.cuda.is_available()
-    if threads and not cuda:
-        torch.set_num_threads(threads)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        return f"cuda:{local_rank}"
-    return "cpu"
+    if not cuda:
+        if threads:
+            torch.set_num_threads(threads)
+        return "cpu"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    torch.cuda.set_device(device)
+    return device
 
 def autocast(device):
     """The one precision regime of every forward (policy, old policy, reference): bf16 autocast on GPU."""
@@ -90,8 +88,7 @@ def barrier():
         dist.barrier()
 
 def finish():
-    """End a worker: gloo sometimes aborts at interpreter exit after all work is done (DETAILS.md, library traps),
-    so leave at once."""
+    """End a worker at once: gloo sometimes aborts at interpreter exit after all work is done (DETAILS.md)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -109,16 +106,15 @@ def read_deepspeed_config(path):
     return ds
 
 class Optimizer:
-    """AdamW behind one interface for 1 process, N processes (gradients averaged by hand) and DeepSpeed ZeRO
-    (from a json config; a torch optimizer as its client optimizer, so no C++ ops are built). `model` is what the
-    scripts run forward through: the DeepSpeed engine under ZeRO, else the model itself."""
+    """AdamW behind one interface for 1 process, N processes (gradients averaged by hand) and DeepSpeed ZeRO (a torch
+    client optimizer: no C++ ops built). `model` is what the scripts run forward: under ZeRO the DeepSpeed engine."""
 
-    def __init__(self, model, lr, weight_decay, grad_clip, betas=(0.9, 0.999), deepspeed_config=""):
+    def __init__(self, model, lr, weight_decay, grad_clip, deepspeed_config=""):
         self.grad_clip, self.engine, self.model = grad_clip, None, model
         ds = read_deepspeed_config(deepspeed_config) | {"gradient_clipping": grad_clip} if deepspeed_config else {}
         fused = "offload_optimizer" in ds.get("zero_optimization", {}) or None  # a CPU step: as fast as DeepSpeed's
         params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters (and merger) only
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
         if ds:
             import deepspeed
             if not dist.is_initialized():  # no torchrun: one process, else DeepSpeed would look for MPI
@@ -157,8 +153,8 @@ class Optimizer:
 def placeholder_batch(model, device):
     """(batch, ids, mask) for a rank whose records all failed: a 1-token video, 1 masked-out completion token. Zero
     loss and gradients, yet every module runs as on data: the rank's ZeRO collectives stay in step."""
-    c, clip = unwrap(model).config, data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2),
-                                              True, 1.0)
+    c = unwrap(model).config
+    clip = data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2), True, 1.0)
     prompt = ([c.vision_start_token_id, c.video_token_id, c.vision_end_token_id], [0, 2, 0])
     return (collate_prompts([prompt], [clip], [0], 0, c.vision_config.tokens_per_second, device),
             *torch.zeros(2, 1, 1, dtype=torch.long, device=device))
@@ -192,27 +188,32 @@ def start_training(config, init, device):
     path = os.path.join(ckpt, ADAPTER) if ckpt and config["lora_rank"] else ckpt or init
     model, tokenizer = load_model(path, device, config["grad_ckpt"], config["attn"], dtype, lora_config(config))
     opt = Optimizer(model, *map(config.get, ("lr", "weight_decay", "grad_clip")), deepspeed_config=config["deepspeed"])
-    return opt.model, tokenizer, opt, load_training_state(ckpt, opt)["step"] if ckpt else 0
+    if not ckpt:
+        return opt.model, tokenizer, opt, 0
+    if opt.engine:  # LoRA: DeepSpeed's files hold no frozen base (save_checkpoint), so load them non-strict
+        opt.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=lora_of(opt.model) is None)
+    else:
+        opt.opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(ckpt, "run.json")) as f:
+        return opt.model, tokenizer, opt, json.load(f)["step"]
 
 def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
     """Full fine-tuning's KL reference: a frozen copy of the starting policy on its device, in its dtype. Under ZeRO-3
     it is partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 each GPU holds it."""
     weight = next(unwrap(policy).parameters())
     ref = load_model(path, weight.device, attn=attn, dtype=weight.dtype)[0].requires_grad_(False).eval()
-    ds = read_deepspeed_config(deepspeed_config) if deepspeed_config else {}
-    if ds.get("zero_optimization", {}).get("stage") == 3:
+    if is_zero3(policy):
         import deepspeed
-        ref = deepspeed.initialize(model=ref, config=ds)[0]
+        ref = deepspeed.initialize(model=ref, config=read_deepspeed_config(deepspeed_config))[0]
     return ref
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
 def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
-    """Write out_dir/step_N: an HF folder (safetensors, config, tokenizer) that from_pretrained loads (LoRA: merged;
-    the adapter in step_N/adapter), the optimizer/DeepSpeed state and the run config. It is built under a temporary
-    name and renamed into place, and `latest` is replaced atomically after it, so a kill at any moment leaves the
-    last good checkpoint whole.
-    No RNG state is saved: all randomness flows through generators seeded from (seed, step, rank). Checkpoints
-    older than the newest config["keep_checkpoints"] (0: none) keep their HF weights (config["keep_weights"]) or go."""
+    """Write out_dir/step_N: an HF folder that from_pretrained loads (LoRA: merged; the adapter in step_N/adapter), the
+    optimizer/DeepSpeed state and run.json, built under a temporary name and renamed into place before `latest` is
+    replaced atomically, so a kill at any moment leaves the last good checkpoint whole. No RNG state: all randomness
+    flows through generators seeded from (seed, step, rank). Checkpoints older than the newest keep_checkpoints
+    (0: all stay) keep their HF weights only (keep_weights) or go."""
     keep, keep_weights = config.get("keep_checkpoints", 0), config.get("keep_weights", True)
     check_in_sync(optimizer.model)
     final = os.path.join(out_dir, f"step_{step:06d}")
@@ -264,9 +265,8 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
     return final
 
 def check_in_sync(model):
-    """Raise if the ranks' replicated weights have drifted apart (a position-weighted checksum). Skipped under
-    ZeRO-3: each rank holds a different partition, and gathering them makes every rank's copy equal by
-    construction, so the check could not fail there and would cost a whole-model gather."""
+    """Raise if the ranks' replicated weights have drifted apart (a position-weighted checksum). Not under ZeRO-3:
+    the gathered weights each rank would compare are equal by construction, and gathering costs the whole model."""
     if WORLD == 1 or is_zero3(model):
         return
     with torch.no_grad():
@@ -298,12 +298,3 @@ def open_log(path, step):
         with open(path) as f:
             write_atomic(path, "".join(line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step))
     return open(path, "a", buffering=1)  # line-buffered: each line goes out whole as it is written
-
-def load_training_state(ckpt, optimizer):
-    """Restore the optimizer/DeepSpeed state (weights come through load_model(ckpt)); returns run.json."""
-    if optimizer.engine:
-        optimizer.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=lora_of(optimizer.model) is None)
-    else:
-        optimizer.opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
-    with open(os.path.join(ckpt, "run.json")) as f:
-        return json.load(f)
