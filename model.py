@@ -36,8 +36,7 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
             raise ValueError(f"lora_targets {sorted(missing)} match no module of the language model")
     for p in [p for p in model.parameters() if lora and p.requires_grad]:  # on a bf16 base too (peft: adapters only)
         p.data = p.data.float()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 def lora_config(config):
     """peft's LoraConfig from a script's lora_* values (None: full fine-tuning). Targets match in the language model

@@ -11,8 +11,8 @@ TPS = 2  # tokens_per_second of the tiny config, as in the 7B checkpoint
 
 
 def batch_of(tok, rows, clips, row_clip):
-    return M.collate_prompts([encode_text(tok, text, clips[c] if c is not None else None) for text, c in zip(rows, row_clip)],
-                             clips, row_clip, tok.pad_token_id, TPS)
+    encoded = [encode_text(tok, text, clips[c] if c is not None else None) for text, c in zip(rows, row_clip)]
+    return M.collate_prompts(encoded, clips, row_clip, tok.pad_token_id, TPS)
 
 
 def test_video_positions_follow_the_checkpoint_rule_not_transformers_5(tiny):
@@ -26,8 +26,8 @@ def test_video_positions_follow_the_checkpoint_rule_not_transformers_5(tiny):
     assert block[1].unique().tolist() == block[2].unique().tolist() == [start + i for i in range(4)]
     after = start + clip.num_tokens
     assert pos[:, after].tolist() == [start + 14 + 1] * 3  # largest vision position (the last frame) + 1
-    hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]), video_grid_thw=torch.tensor([clip.grid_thw]),
-                                     second_per_grid_ts=torch.tensor([1.0]))
+    hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]), second_per_grid_ts=torch.tensor([1.0]),
+                                     video_grid_thw=torch.tensor([clip.grid_thw]))
     assert hf[0, 0, after].item() == start + 4  # transformers 5.24 resumes at start + max(h, w)/2: overlapping frames
     assert torch.equal(hf[:, 0, :after], pos[:, :after])  # the vision block itself agrees
 
@@ -36,7 +36,8 @@ def test_image_positions_equal_transformers(tiny):
     net, tok, _ = tiny
     clip = random_clip(1, 56, 112, is_video=False)
     ids, types = encode_text(tok, "what colour is the square?", clip)
-    hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]), image_grid_thw=torch.tensor([clip.grid_thw]))
+    hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]),
+                                     image_grid_thw=torch.tensor([clip.grid_thw]))
     assert torch.equal(hf[:, 0], M.mrope_positions(types, clip, TPS))
 
 
@@ -47,7 +48,8 @@ def test_missing_mm_token_type_ids_changes_the_output(tiny):
     clip = random_clip(1, 56, 112, is_video=False)
     ids, types = encode_text(tok, "what colour is the square?", clip)
     batch = M.collate_prompts([(ids, types)], [clip], [0], tok.pad_token_id, TPS)
-    kwargs = dict(input_ids=batch.input_ids, pixel_values=clip.pixel_values, image_grid_thw=torch.tensor([clip.grid_thw]))
+    kwargs = dict(input_ids=batch.input_ids, pixel_values=clip.pixel_values,
+                  image_grid_thw=torch.tensor([clip.grid_thw]))
     with torch.no_grad():
         with_types = net(**kwargs, mm_token_type_ids=batch.mm_types).logits
         without = net(**kwargs).logits
@@ -73,8 +75,9 @@ def test_vision_once_equals_pixels_repeated_per_row(tiny):
 
     P = batch.input_ids.shape[1]
     positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(6)).expand(3, 5, 6)], dim=2)
-    logits = net(input_ids=torch.cat([batch.input_ids, completion], 1), attention_mask=torch.cat([batch.attention_mask, mask], 1),
-                 position_ids=positions, pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
+    logits = net(input_ids=torch.cat([batch.input_ids, completion], 1),
+                 attention_mask=torch.cat([batch.attention_mask, mask], 1), position_ids=positions,
+                 pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
                  video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
     plain = logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
     plain.sum().backward()
@@ -91,7 +94,8 @@ def test_greedy_generation_equals_model_generate(tiny):
     net, tok, _ = tiny
     clips = [random_clip(1, 56, 84, is_video=False, seed=3), random_clip(1, 112, 56, is_video=False, seed=4)]
     row_clip = [0, 1, None, 0]
-    batch = batch_of(tok, ["what colour?", "what shape is the object in the picture?", "hello", "the red square"], clips, row_clip)
+    texts = ["what colour?", "what shape is the object in the picture?", "hello", "the red square"]
+    batch = batch_of(tok, texts, clips, row_clip)
     ours, mask = M.generate(net, batch, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
     image_rows = [c for c in row_clip if c is not None]
     ref = net.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=batch.mm_types,
@@ -107,7 +111,8 @@ def test_video_generation_equals_naive_loop_without_cache(tiny):
     net, tok, _ = tiny
     clips = [random_clip(4, 56, 56, second_per_grid=1.0, seed=5), random_clip(2, 56, 112, second_per_grid=0.5, seed=6)]
     row_clip = [0, 1, 0]
-    batch = batch_of(tok, ["which way does it move?", "red", "what appears first, the red or the blue square?"], clips, row_clip)
+    texts = ["which way does it move?", "red", "what appears first, the red or the blue square?"]
+    batch = batch_of(tok, texts, clips, row_clip)
     ours, mask = M.generate(net, batch, 8, [tok.eos_token_id], tok.pad_token_id, temperature=0)
     ids, attn, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     embed = net.model.get_input_embeddings()
