@@ -51,13 +51,10 @@ REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"  # one per merged patch in the prompt
 MM_TYPE = {IMAGE_PAD: 1, VIDEO_PAD: 2}  # mm_token_type_ids; every other token is text (0)
 
-
 class DataError(ValueError):
     """Bad input data: a malformed record or a missing / undecodable media file."""
 
 # ----------------------------------------------------------------------------- records
-
-
 def _check_record(rec, required) -> str | None:
     """The first problem with one record, or None when it is valid."""
     if not isinstance(rec, dict):
@@ -84,7 +81,6 @@ def _check_record(rec, required) -> str | None:
         return f"'process' must be a string, got {type(rec['process']).__name__}"
     return None
 
-
 def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[list[dict], int]:
     """Validated copies of the records of a Video-R1 JSON list (`required`: fields beyond REQUIRED_FIELDS), `path`
     made absolute (relative to `root`, default the JSON's folder), `index` (in the file) and `json` (the file) added.
@@ -110,7 +106,6 @@ def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[lis
                                                                 f"all {len(raw)} were bad and skipped"))
     return records, len(raw) - len(records)
 
-
 def _skip(err, skip_bad):
     """The one path of a bad record or example: skipped with a line on stderr under skip_bad, else an error."""
     if not skip_bad:
@@ -118,8 +113,6 @@ def _skip(err, skip_bad):
     print(f"skipped: {err}", file=sys.stderr)
 
 # ----------------------------------------------------------------------------- media
-
-
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) -> tuple[int, int]:
     """Qwen's resize rule (as transformers' smart_resize): round each side to a multiple of `factor`, then scale
     both, keeping the aspect ratio, until height*width lies in [min_pixels, max_pixels]."""
@@ -136,7 +129,6 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
 
-
 def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
     """Resize (n, H, W, 3) uint8 frames to one smart_resize size as qwen-vl-utils does: an image with PIL bicubic,
     video frames with torchvision's tensor resize (antialiased bicubic on floats, rounded back to uint8)."""
@@ -150,14 +142,12 @@ def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
                                         mode="bicubic", align_corners=False, antialias=True)
     return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
-
 def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
     """qwen-vl-utils' smart_nframes: duration * fps clamped to [min_frames, max_frames] (rounded up and down to
     even) and to `total`, then floored to even (2 frames a temporal patch)."""
     low, high = math.ceil(min_frames / TEMPORAL_PATCH), max_frames // TEMPORAL_PATCH
     n = min(max(total / video_fps * fps, low * TEMPORAL_PATCH), high * TEMPORAL_PATCH, total)
     return max(TEMPORAL_PATCH, math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
-
 
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
                max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
@@ -178,7 +168,6 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         raise DataError(f"{path}: cannot decode video: {reason}") from e
     return _resize(frames, path, min_pixels, max_pixels, video=True), n / total * avg_fps
 
-
 def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
     """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's temporal patch."""
     if not os.path.isfile(path):
@@ -193,13 +182,11 @@ def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.n
         raise DataError(f"{path}: cannot decode image: {e}") from e
     return np.repeat(_resize(rgb[None], path, min_pixels, max_pixels, video=False), TEMPORAL_PATCH, axis=0)
 
-
 def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> tuple[np.ndarray, float | None]:
     """Frames of a record's video (with the sampling fps) or image (fps None)."""
     if record["data_type"] == "video":
         return read_video(record["path"], fps, min_frames, max_frames, min_pixels, max_pixels)
     return read_image(record["path"], min_pixels, max_pixels), None
-
 
 def contrast_frames(frames, rng: np.random.Generator, mode="shuffle") -> np.ndarray:
     """The frames out of order, for T-GRPO's contrast rollouts: a random non-identity permutation or reversed."""
@@ -216,8 +203,6 @@ def contrast_frames(frames, rng: np.random.Generator, mode="shuffle") -> np.ndar
             return frames[perm]
 
 # ----------------------------------------------------------------------------- model inputs
-
-
 @dataclass
 class Clip:
     pixel_values: torch.Tensor  # float32 (t*h*w, 3*TEMPORAL_PATCH*PATCH*PATCH), Qwen's patch order
@@ -229,7 +214,6 @@ class Clip:
     def num_tokens(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w // MERGE ** 2
-
 
 def make_clip(frames, fps) -> Clip:
     """CLIP-normalise (n, H, W, 3) uint8 frames and lay them out as Qwen2.5-VL's pixel_values (what its processor
@@ -246,14 +230,12 @@ def make_clip(frames, fps) -> Clip:
     is_video = fps is not None
     return Clip(pixel_values, (t, h, w), is_video, TEMPORAL_PATCH / fps if is_video else 1.0)
 
-
 def question_text(record) -> str:
     """The user turn's text: the question (with its options), the reasoning template and the answer-type suffix."""
     question = record["problem"]
     if record["problem_type"] == "multiple choice":  # official wording: no separator before "Options:"
         question += "Options:\n" + "".join(option + "\n" for option in record["options"])
     return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
-
 
 def chat_template(clip) -> tuple[str, str]:
     """Qwen2.5-VL's chat template for one user turn (media first, then text) with the generation prompt: the text
@@ -262,12 +244,10 @@ def chat_template(clip) -> tuple[str, str]:
     return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}",
             "<|im_end|>\n<|im_start|>assistant\n")
 
-
 def encode_plain(tokenizer, text) -> list[int]:
     """Token ids of text from the data as plain text: an "<|im_end|>" in a scraped question stays characters, never a
     control token; only the chat template's own markers are special tokens."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-
 
 def encode_prompt(tokenizer, record, clip, max_tokens) -> tuple[list[int], list[int]]:
     """Prompt token ids and their mm_token_type_ids (0 text, 1 image pad, 2 video pad), which Qwen2.5-VL needs to
@@ -283,18 +263,15 @@ def encode_prompt(tokenizer, record, clip, max_tokens) -> tuple[list[int], list[
     assert pads == clip.num_tokens, f"{pads} pad tokens for {clip.num_tokens} media tokens: the tokenizer split them"
     return ids, mm_types
 
-
 def sft_target(record) -> str:
     """The SFT completion: the chain of thought, then the answer (DETAILS.md, "The prompt")."""
     return record["process"] + "\n" + record["solution"]
-
 
 def epoch_slice(records, first, count, seed):
     """records[first : first + count] of an endless stream that reshuffles every epoch i // n (seeded): the data
     position is a plain number, so a resumed run needs no data-loader state."""
     n = len(records)
     return [records[np.random.default_rng([seed, i // n]).permutation(n)[i % n]] for i in range(first, first + count)]
-
 
 def load_examples(records, tokenizer, config, skip_bad, contrast_rng=None, contrast="shuffle"):
     """load_example for each record -> [(record, prompt, clip, contrast_clip)], and how many were skipped (_skip)."""
@@ -305,7 +282,6 @@ def load_examples(records, tokenizer, config, skip_bad, contrast_rng=None, contr
         except DataError as err:
             _skip(err, skip_bad)
     return examples, len(records) - len(examples)
-
 
 def load_example(record, tokenizer, config, contrast_rng=None, contrast="shuffle"):
     """Everything a step needs from one record: (prompt ids, mm types), the clip, and for a video when

@@ -24,17 +24,14 @@ _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 _scorer = None                  # RougeScorer, built on first use (it loads the stemmer)
 
-
 def extract_answer(text: str) -> str:
     """Text inside the first <answer>...</answer>, stripped; "" without a complete tag pair."""
     m = _ANSWER_RE.search(text)
     return m.group(1).strip() if m else ""
 
-
 def format_reward(completion: str) -> float:
     """1.0 iff the whole completion is <think>...</think> then (whitespace) <answer>...</answer>."""
     return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
-
 
 def _to_number(s: str):
     """float of s with "," removed, or None if unparsable or not finite (nan, inf, overflow like "1e999")."""
@@ -43,7 +40,6 @@ def _to_number(s: str):
     except ValueError:
         return None
     return x if math.isfinite(x) else None
-
 
 def wer(reference: str, hypothesis: str) -> float:
     """Word error rate: word-level edit distance / number of reference words (whitespace split).
@@ -60,7 +56,6 @@ def wer(reference: str, hypothesis: str) -> float:
         prev = cur
     return prev[-1] / max(1, len(ref))
 
-
 def rouge_mean(reference: str, hypothesis: str) -> float:
     """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming)."""
     global _scorer
@@ -68,7 +63,6 @@ def rouge_mean(reference: str, hypothesis: str) -> float:
         _scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     s = _scorer.score(reference, hypothesis)
     return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
-
 
 def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
     """Accuracy in [0, 1] of the completion's answer against the solution's <answer>, by problem type."""
@@ -94,19 +88,16 @@ def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
         return 1.0 if o == 0 else 0.0
     return 1.0 - min(1.0, abs(o - g) / abs(g))  # abs(o - g) may overflow to inf: min() then gives 0 reward
 
-
 def _rule(rule: str):
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; expected one of {tuple(RULES)}")
     return RULES[rule]
-
 
 def is_correct(accuracy: float, threshold=None, rule: str = "paper") -> bool:
     """Whether a response counts as correct: paper accuracy >= 0.5, official accuracy > 0.1."""
     default, strict, _ = _rule(rule)
     t = default if threshold is None else threshold
     return accuracy > t if strict else accuracy >= t
-
 
 def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=MIN_LEN, max_len=MAX_LEN,
                  threshold=None) -> list:
@@ -122,7 +113,6 @@ def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=
     if rule == "official" and sum(correct) < OFFICIAL_MIN_CORRECT:
         return [0.0] * len(accuracies)
     return [bonus if c and min_len <= n <= max_len else 0.0 for c, n in zip(correct, lengths)]
-
 
 def temporal_bonus(ordered_acc, shuffled_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
     """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted).
@@ -144,7 +134,6 @@ def temporal_bonus(ordered_acc, shuffled_acc, rule="paper", alpha=ALPHA, mu=None
     granted = bool(p >= mu * p_tilde)
     return [alpha if granted and c else 0.0 for c in correct], p, p_tilde, granted
 
-
 def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
     """(R - mean) / (std + eps) within a group, std unbiased (torch's default, as in the official code);
     scale=False: R - mean (Dr. GRPO), which keeps the rewards' scale, so a bonus that grows them grows A too.
@@ -164,9 +153,7 @@ def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
         return r - c * x.mean()
     return (x - x.mean()) / (x.std(ddof=1) + eps / c)
 
-
 BONUS_TO = ("reward", "advantage")
-
 
 def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
     """Advantages of one group of ordered responses and the mean |A - A without the bonus| the bonus made.
