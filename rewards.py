@@ -1,11 +1,8 @@
 """Rewards of Video-R1's T-GRPO: accuracy per problem type, format, length bonus, temporal bonus, advantages.
-
-Pure functions (numpy and rouge-score only, no torch) so they can be tested exhaustively. The accuracy and format
-rules follow the official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules
-come in two flavours, rule="paper" (the default) and rule="official" (vllm_grpo_trainer_modified.py). Where this
-departs from the official code on purpose (no answer may beat the correct one: nan, inf and overflowing numbers
-earn 0; an exact regression answer earns exactly 1; problem_type per sample): DETAILS.md, "Reward semantics".
-"""
+Pure functions (numpy and rouge-score only, no torch) so they can be tested exhaustively. Accuracy and format follow
+the official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules come as
+rule="paper" (the default) or rule="official" (vllm_grpo_trainer_modified.py). The rules, and where they depart from
+the official code on purpose (no answer may beat the correct one): DETAILS.md, "Reward semantics"."""
 import math
 import re
 
@@ -18,11 +15,12 @@ OFFICIAL_MIN_CORRECT = 2        # official length bonus needs at least this many
 ADV_EPS = 1e-4                  # official: (R - mean) / (std + 1e-4)
 # rule -> (correctness threshold, strict ">" instead of ">=", mu in p >= mu * p~)
 RULES = {"paper": (0.5, False, 1.0), "official": (0.1, True, 0.8)}
+BONUS_TO = ("reward", "advantage")  # where the temporal bonus enters: the rewards, or the advantages (advantages())
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-_scorer = None                  # RougeScorer, built on first use (it loads the stemmer)
+_scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 def extract_answer(text: str) -> str:
     """Text inside the first <answer>...</answer>, stripped; "" without a complete tag pair."""
@@ -42,11 +40,8 @@ def _to_number(s: str):
     return x if math.isfinite(x) else None
 
 def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance / number of reference words (whitespace split).
-
-    An empty reference divides by 1, as the official code does: 0.0 for an empty hypothesis, else the number of
-    hypothesis words (so the OCR reward, 1 - WER clamped, is 1 for an empty answer and 0 for any other).
-    """
+    """Word error rate: word-level edit distance / max(1, reference words), whitespace split. An empty reference
+    divides by 1 as officially, so the OCR reward (1 - WER, clamped) is 1 for an empty answer and 0 for any other."""
     ref, hyp = reference.split(), hypothesis.split()
     prev = list(range(len(hyp) + 1))            # distances from the empty reference prefix
     for i, r in enumerate(ref, 1):
@@ -58,9 +53,6 @@ def wer(reference: str, hypothesis: str) -> float:
 
 def rouge_mean(reference: str, hypothesis: str) -> float:
     """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming)."""
-    global _scorer
-    if _scorer is None:
-        _scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     s = _scorer.score(reference, hypothesis)
     return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
 
@@ -75,15 +67,13 @@ def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
         return max(0.0, 1.0 - wer(gt, out))        # WER >= 0, so only the floor can bind
     if problem_type == "free-form":
         return min(1.0, max(0.0, rouge_mean(gt, out)))
-    if problem_type == "numerical":
-        # Official rule: "3" and "3.0" (or "1000" and "1,000") differ in form, so the answer is wrong.
-        if ("." in out or "," in out) != ("." in gt or "," in gt):
-            return 0.0
-        o, g = _to_number(out), _to_number(gt)
-        return 1.0 if o is not None and g is not None and round(o, 2) == round(g, 2) else 0.0
-    o, g = _to_number(out), _to_number(gt)     # regression
+    o, g = _to_number(out), _to_number(gt)     # numerical or regression
     if o is None or g is None:
         return 0.0
+    if problem_type == "numerical":
+        # Official rule: "3" and "3.0" (or "1000" and "1,000") differ in form, so the answer is wrong.
+        same_form = ("." in out or "," in out) == ("." in gt or "," in gt)
+        return 1.0 if same_form and round(o, 2) == round(g, 2) else 0.0
     if g == 0:                                 # relative error undefined: only the exact answer counts
         return 1.0 if o == 0 else 0.0
     return 1.0 - min(1.0, abs(o - g) / abs(g))  # abs(o - g) may overflow to inf: min() then gives 0 reward
@@ -101,11 +91,8 @@ def is_correct(accuracy: float, threshold=None, rule: str = "paper") -> bool:
 
 def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=MIN_LEN, max_len=MAX_LEN,
                  threshold=None) -> list:
-    """+bonus to each correct response with min_len <= token length <= max_len.
-
-    rule="official" pays it only when at least OFFICIAL_MIN_CORRECT responses of the group are correct.
-    threshold=None takes the rule's own (paper >= 0.5, official > 0.1).
-    """
+    """+bonus to each correct response (is_correct) with min_len <= token length <= max_len; rule="official" pays
+    it only when at least OFFICIAL_MIN_CORRECT responses of the group are correct."""
     _rule(rule)                                # validate even for an empty group
     if len(accuracies) != len(lengths):
         raise ValueError(f"{len(accuracies)} accuracies but {len(lengths)} lengths")
@@ -114,32 +101,28 @@ def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=
         return [0.0] * len(accuracies)
     return [bonus if c and min_len <= n <= max_len else 0.0 for c, n in zip(correct, lengths)]
 
-def temporal_bonus(ordered_acc, shuffled_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
-    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted).
-
-    paper: p, p~ = share of correct ordered / shuffled responses; official: their mean raw accuracy.
-    Granted iff p >= mu * p~ (mu: paper 1.0, official 0.8); then alpha goes to every correct ordered response.
-    Shuffled responses only measure p~. Images have no shuffled group: calling this without one is an error.
-    """
-    if len(ordered_acc) == 0 or len(shuffled_acc) == 0:   # len(): also works for numpy arrays
-        raise ValueError("temporal_bonus needs non-empty ordered and shuffled groups (images have no temporal reward)")
+def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
+    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted). p, p~: the share of correct
+    ordered / contrast responses (paper) or their mean raw accuracy (official). Granted iff p >= mu * p~ (mu: paper
+    1.0, official 0.8); then alpha goes to every correct ordered response. Contrast responses only measure p~.
+    Images have no contrast group: calling this without one is an error."""
+    if len(ordered_acc) == 0 or len(contrast_acc) == 0:   # len(): also works for numpy arrays
+        raise ValueError("temporal_bonus needs non-empty ordered and contrast groups (images have no temporal reward)")
     _, _, default_mu = _rule(rule)
     mu = default_mu if mu is None else mu
     correct = [is_correct(a, threshold, rule) for a in ordered_acc]
     if rule == "paper":
         p = sum(correct) / len(ordered_acc)
-        p_tilde = sum(is_correct(a, threshold, rule) for a in shuffled_acc) / len(shuffled_acc)
+        p_tilde = sum(is_correct(a, threshold, rule) for a in contrast_acc) / len(contrast_acc)
     else:
-        p, p_tilde = float(np.mean(ordered_acc)), float(np.mean(shuffled_acc))
+        p, p_tilde = float(np.mean(ordered_acc)), float(np.mean(contrast_acc))
     granted = bool(p >= mu * p_tilde)
     return [alpha if granted and c else 0.0 for c in correct], p, p_tilde, granted
 
 def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
     """(R - mean) / (std + eps) within a group, std unbiased (torch's default, as in the official code);
     scale=False: R - mean (Dr. GRPO), which keeps the rewards' scale, so a bonus that grows them grows A too.
-
-    A single response or a zero-variance group gives zeros (torch gives NaN for one element).
-    """
+    A single response or a zero-variance group gives zeros (torch gives NaN for one element)."""
     r = np.asarray(rewards, dtype=np.float64)
     if not np.all(np.isfinite(r)):
         raise ValueError(f"non-finite reward in {rewards!r}")
@@ -153,16 +136,12 @@ def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
         return r - c * x.mean()
     return (x - x.mean()) / (x.std(ddof=1) + eps / c)
 
-BONUS_TO = ("reward", "advantage")
-
 def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
     """Advantages of one group of ordered responses and the mean |A - A without the bonus| the bonus made.
-
     base_rewards: accuracy + format (+ length) per response; bonus: temporal_bonus's per-response bonus.
     bonus_to="reward" (paper eq. 2-3): A = norm(base + bonus); "advantage" (the paper's alternative sentence):
     A = norm(base) + bonus. With "reward", scale=True, 0/1 accuracies and one format reward for the whole group,
-    base + bonus is an affine map of base, so the bonus only moves the eps term (issue 13): the change is ~0.
-    """
+    base + bonus is an affine map of base, so the bonus only moves the eps term (issue 13): the change is ~0."""
     if bonus_to not in BONUS_TO:
         raise ValueError(f"unknown bonus_to {bonus_to!r}; expected one of {BONUS_TO}")
     base, b = np.asarray(base_rewards, dtype=np.float64), np.asarray(bonus, dtype=np.float64)

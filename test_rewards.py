@@ -255,7 +255,7 @@ def test_temporal_bonus(ordered, shuffled, kwargs, bonus, p, p_tilde, granted):
 
 
 def test_temporal_bonus_errors():
-    with pytest.raises(ValueError, match="shuffled"):
+    with pytest.raises(ValueError, match="contrast"):
         temporal_bonus([1, 0], [])
     with pytest.raises(ValueError):
         temporal_bonus([], [1])
