@@ -12,7 +12,6 @@ import decord
 from PIL import Image
 import rewards
 
-PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 DATA_TYPES = ("image", "video")
 PROMPT_TEMPLATE = (
     "{Question}\nPlease think about this question as if you were a human pondering deeply. Engage in an internal "
@@ -42,8 +41,7 @@ MAX_ASPECT = 200     # Qwen's limit: thinner images cannot be resized to multipl
 MIN_PIXELS = 4 * FACTOR * FACTOR      # = 56*56, transformers' default
 MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize itself
 TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # the paper's training frames have at most 128*28*28 pixels
-MIN_VIDEO_FPS, MAX_VIDEO_FPS = 0.1, 1000.0  # one frame per 10 s; a high-speed camera. Beyond: broken timing (an mp4
-# whose mdhd timescale is 0 decodes at ~1e-4 fps and gives frame 0 for every index), not a video
+MIN_VIDEO_FPS, MAX_VIDEO_FPS = 0.1, 1000.0  # one frame per 10 s; a high-speed camera. Outside: broken timing
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")  # config keys of read_media
 CONTRASTS = ("shuffle", "reverse")  # how contrast_frames breaks the order
 
@@ -64,10 +62,9 @@ def _check_record(rec, required) -> str | None:
             return f"'{field}' missing"
         if not isinstance(rec[field], str) or not rec[field]:
             return f"'{field}' must be a non-empty string, got {rec[field]!r:.60}"
-    if rec["data_type"] not in DATA_TYPES:
-        return f"'data_type' is {rec['data_type']!r}, not one of {DATA_TYPES}"
-    if rec["problem_type"] not in PROBLEM_TYPES:
-        return f"'problem_type' is {rec['problem_type']!r}, not one of {PROBLEM_TYPES}"
+    for field, allowed in (("data_type", DATA_TYPES), ("problem_type", rewards.PROBLEM_TYPES)):
+        if rec[field] not in allowed:
+            return f"'{field}' is {rec[field]!r}, not one of {allowed}"
     answer = rewards.extract_answer(rec["solution"])  # the ground truth every rollout is scored against
     if rec["problem_type"] == "multiple choice":
         opts = rec.get("options")
@@ -83,9 +80,8 @@ def _check_record(rec, required) -> str | None:
 
 def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[list[dict], int]:
     """Validated copies of the records of a Video-R1 JSON list (`required`: fields beyond REQUIRED_FIELDS), `path`
-    made absolute (relative to `root`, default the JSON's folder), `index` (in the file) and `json` (the file) added.
-    Returns (records, number skipped); no record left is an error.
-    Media files are not opened here, so a 260k-record file loads fast; decoding errors surface in read_media."""
+    made absolute (relative to `root`, default the JSON's folder), `index` (in the file) and `json` (the file) added,
+    and the number skipped; none left is an error. Media are opened later (read_media): 260k records load fast."""
     try:
         with open(json_path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -114,8 +110,7 @@ def _skip(err, skip_bad):
 
 # ----------------------------------------------------------------------------- media
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) -> tuple[int, int]:
-    """Qwen's resize rule (as transformers' smart_resize): round each side to a multiple of `factor`, then scale
-    both, keeping the aspect ratio, until height*width lies in [min_pixels, max_pixels]."""
+    """Qwen's resize rule, as transformers' smart_resize (DETAILS.md, "Frame sampling and resizing")."""
     if max(height, width) / min(height, width) > MAX_ASPECT:
         raise DataError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT}")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
@@ -130,8 +125,7 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
     return h_bar, w_bar
 
 def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
-    """Resize (n, H, W, 3) uint8 frames to one smart_resize size as qwen-vl-utils does: an image with PIL bicubic,
-    video frames with torchvision's tensor resize (antialiased bicubic on floats, rounded back to uint8)."""
+    """(n, H, W, 3) uint8 frames resized to one smart_resize size as qwen-vl-utils: images by PIL, video by torch."""
     try:
         h, w = smart_resize(frames.shape[1], frames.shape[2], min_pixels=min_pixels, max_pixels=max_pixels)
     except DataError as e:
@@ -143,8 +137,7 @@ def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
     return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
-    """qwen-vl-utils' smart_nframes: duration * fps clamped to [min_frames, max_frames] (rounded up and down to
-    even) and to `total`, then floored to even (2 frames a temporal patch)."""
+    """qwen-vl-utils' smart_nframes: an even frame count (DETAILS.md, "Frame sampling and resizing")."""
     low, high = math.ceil(min_frames / TEMPORAL_PATCH), max_frames // TEMPORAL_PATCH
     n = min(max(total / video_fps * fps, low * TEMPORAL_PATCH), high * TEMPORAL_PATCH, total)
     return max(TEMPORAL_PATCH, math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
@@ -238,21 +231,18 @@ def question_text(record) -> str:
     return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
 
 def chat_template(clip) -> tuple[str, str]:
-    """Qwen2.5-VL's chat template for one user turn (media first, then text) with the generation prompt: the text
-    (before, after) the question; the media placeholder has one pad token per merged patch, as the processor's."""
+    """Qwen2.5-VL's chat template of one user turn, (before, after) its question text (DETAILS.md, "The prompt")."""
     media = "<|vision_start|>" + (VIDEO_PAD if clip.is_video else IMAGE_PAD) * clip.num_tokens + "<|vision_end|>"
     return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}",
             "<|im_end|>\n<|im_start|>assistant\n")
 
 def encode_plain(tokenizer, text) -> list[int]:
-    """Token ids of text from the data as plain text: an "<|im_end|>" in a scraped question stays characters, never a
-    control token; only the chat template's own markers are special tokens."""
+    """Ids of text from the data: an "<|im_end|>" in a scraped question stays characters, never a control token."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
 def encode_prompt(tokenizer, record, clip, max_tokens) -> tuple[list[int], list[int]]:
-    """Prompt token ids and their mm_token_type_ids (0 text, 1 image pad, 2 video pad), which Qwen2.5-VL needs to
-    give the media tokens 3-D positions. Template and question are encoded apart (encode_plain): the same ids as the
-    whole prompt string's when the question holds no special token, as the tokenizer splits text at them first."""
+    """Prompt ids and their mm_token_type_ids (MM_TYPE; M-RoPE needs them). Template and question are encoded apart
+    (encode_plain), which gives the whole prompt's ids when the question holds no special token."""
     before, after = (tokenizer(text, add_special_tokens=False).input_ids for text in chat_template(clip))
     ids = before + encode_plain(tokenizer, question_text(record)) + after
     if len(ids) > max_tokens:
@@ -284,9 +274,8 @@ def load_examples(records, tokenizer, config, skip_bad, contrast_rng=None, contr
     return examples, len(records) - len(examples)
 
 def load_example(record, tokenizer, config, contrast_rng=None, contrast="shuffle"):
-    """Everything a step needs from one record: (prompt ids, mm types), the clip, and for a video when
-    `contrast_rng` is given the contrast clip (shuffled or reversed frames; same token count, so the same prompt).
-    `config`: a script's, for its FRAME_LIMITS and max_prompt_tokens. A DataError names the JSON file and record."""
+    """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip (same token count, so
+    the same prompt); `config` gives FRAME_LIMITS and max_prompt_tokens. A DataError names the JSON file and record."""
     try:
         frames, fps = read_media(record, **{key: config[key] for key in FRAME_LIMITS})
         clip = make_clip(frames, fps)

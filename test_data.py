@@ -10,6 +10,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 import data
+import rewards
 from data import DataError
 
 SHARED_VIDEO = Path(__file__).parent.parent / "shared" / "video1.mp4"
@@ -367,7 +368,7 @@ def test_question_text_multiple_choice():
             "then give your final answer between the <answer> and </answer> tags.") in text
     assert data.question_text(good_records()[1]).endswith(
         "Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.")
-    assert set(data.TYPE_SUFFIX) == set(data.PROBLEM_TYPES)
+    assert set(data.TYPE_SUFFIX) == set(rewards.PROBLEM_TYPES)
 
 
 @pytest.mark.parametrize("is_video", [True, False])
