@@ -1,5 +1,4 @@
-"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts and SFT targets.
-Every problem with the inputs (a bad record, a missing or undecodable file) is a DataError that names the file."""
+"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts and SFT targets."""
 import os
 import sys
 import json
@@ -50,7 +49,7 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"  # one per merged patch 
 MM_TYPE = {IMAGE_PAD: 1, VIDEO_PAD: 2}  # mm_token_type_ids; every other token is text (0)
 
 class DataError(ValueError):
-    """Bad input data: a malformed record or a missing / undecodable media file."""
+    """Every problem with the inputs (a bad record, a missing or undecodable media file); it names the file."""
 
 # ----------------------------------------------------------------------------- records
 def _check_record(rec, required) -> str | None:
@@ -79,9 +78,8 @@ def _check_record(rec, required) -> str | None:
     return None
 
 def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[list[dict], int]:
-    """Validated copies of the records of a Video-R1 JSON list (`required`: fields beyond REQUIRED_FIELDS), `path`
-    made absolute (relative to `root`, default the JSON's folder), `index` (in the file) and `json` (the file) added,
-    and the number skipped; none left is an error. Media are opened later (read_media): 260k records load fast."""
+    """(records, number skipped) of a Video-R1 JSON list: validated copies, `path` made absolute (from `root`, default
+    the JSON's folder), `index` and `json` added; none left is an error. Media are opened later: 260k load fast."""
     try:
         with open(json_path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -279,9 +277,8 @@ def load_example(record, tokenizer, config, contrast_rng=None, contrast="shuffle
     try:
         frames, fps = read_media(record, **{key: config[key] for key in FRAME_LIMITS})
         clip = make_clip(frames, fps)
-        contrast_clip = None
-        if contrast_rng is not None and clip.is_video:
-            contrast_clip = make_clip(contrast_frames(frames, contrast_rng, contrast), fps)
+        has_contrast = contrast_rng is not None and clip.is_video  # an image has no frame order to break
+        contrast_clip = make_clip(contrast_frames(frames, contrast_rng, contrast), fps) if has_contrast else None
         return encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"]), clip, contrast_clip
     except DataError as err:
         raise DataError(f"{record['json']} record {record['index']}: {err}") from err

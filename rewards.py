@@ -1,8 +1,7 @@
 """Rewards of Video-R1's T-GRPO: accuracy per problem type, format, length bonus, temporal bonus, advantages.
-Pure functions (numpy and rouge-score only, no torch) so they can be tested exhaustively. Accuracy and format follow
-the official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules come as
-rule="paper" (the default) or rule="official" (vllm_grpo_trainer_modified.py). The rules, and where they depart from
-the official code on purpose (no answer may beat the correct one): DETAILS.md, "Reward semantics"."""
+Pure functions (numpy and rouge-score, no torch) so they can be tested exhaustively. Accuracy and format follow the
+official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules come as rule="paper"
+or "official" (vllm_grpo_trainer_modified.py). The rules and the departures: DETAILS.md, "Reward semantics"."""
 import math
 import re
 
@@ -53,8 +52,7 @@ def wer(reference: str, hypothesis: str) -> float:
 
 def rouge_mean(reference: str, hypothesis: str) -> float:
     """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming)."""
-    s = _scorer.score(reference, hypothesis)
-    return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
+    return sum(score.fmeasure for score in _scorer.score(reference, hypothesis).values()) / 3
 
 def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
     """Accuracy in [0, 1] of the completion's answer against the solution's <answer>, by problem type."""
@@ -102,10 +100,8 @@ def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=
     return [bonus if c and min_len <= n <= max_len else 0.0 for c, n in zip(correct, lengths)]
 
 def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
-    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted). p, p~: the share of correct
-    ordered / contrast responses (paper) or their mean raw accuracy (official). Granted iff p >= mu * p~ (mu: paper
-    1.0, official 0.8); then alpha goes to every correct ordered response. Contrast responses only measure p~.
-    Images have no contrast group: calling this without one is an error."""
+    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted), by `rule` (DETAILS.md, "Reward
+    semantics"). Contrast responses only measure p~; images have none, so calling this without them is an error."""
     if len(ordered_acc) == 0 or len(contrast_acc) == 0:   # len(): also works for numpy arrays
         raise ValueError("temporal_bonus needs non-empty ordered and contrast groups (images have no temporal reward)")
     _, _, default_mu = _rule(rule)
@@ -120,9 +116,8 @@ def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None
     return [alpha if granted and c else 0.0 for c in correct], p, p_tilde, granted
 
 def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
-    """(R - mean) / (std + eps) within a group, std unbiased (torch's default, as in the official code);
-    scale=False: R - mean (Dr. GRPO), which keeps the rewards' scale, so a bonus that grows them grows A too.
-    A single response or a zero-variance group gives zeros (torch gives NaN for one element)."""
+    """(R - mean) / (std + eps) within a group, unbiased std as officially; zeros for one response (torch: NaN) or
+    equal rewards. scale=False: R - mean (Dr. GRPO), which keeps the rewards' scale, so a bonus grows A too."""
     r = np.asarray(rewards, dtype=np.float64)
     if not np.all(np.isfinite(r)):
         raise ValueError(f"non-finite reward in {rewards!r}")
@@ -139,9 +134,8 @@ def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
 def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
     """Advantages of one group of ordered responses and the mean |A - A without the bonus| the bonus made.
     base_rewards: accuracy + format (+ length) per response; bonus: temporal_bonus's per-response bonus.
-    bonus_to="reward" (paper eq. 2-3): A = norm(base + bonus); "advantage" (the paper's alternative sentence):
-    A = norm(base) + bonus. With "reward", scale=True, 0/1 accuracies and one format reward for the whole group,
-    base + bonus is an affine map of base, so the bonus only moves the eps term (issue 13): the change is ~0."""
+    bonus_to="reward" (paper eq. 2-3): A = norm(base + bonus); "advantage" (the paper's alternative): A = norm(base)
+    + bonus. Why "reward" changes A by ~0 in most groups: README, "Does T-GRPO teach temporal reasoning?"."""
     if bonus_to not in BONUS_TO:
         raise ValueError(f"unknown bonus_to {bonus_to!r}; expected one of {BONUS_TO}")
     base, b = np.asarray(base_rewards, dtype=np.float64), np.asarray(bonus, dtype=np.float64)
