@@ -111,7 +111,8 @@ def test_skip_bad_counts_and_warns(tmp_path, capsys):
 
 
 def test_good_ground_truth_passes(tmp_path):
-    records = good_records() + [dict(good_records()[1], problem_type="regression", solution="<answer>-1,200.5</answer>")]
+    regression = dict(good_records()[1], problem_type="regression", solution="<answer>-1,200.5</answer>")
+    records = good_records() + [regression]
     assert len(data.load_records(write_json(tmp_path / "rl.json", records))[0]) == 3
 
 

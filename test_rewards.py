@@ -54,7 +54,12 @@ def test_format_reward(completion, expected):
 
 
 # ---------------------------------------------------------------- accuracy tables
-@pytest.mark.parametrize("answer, gt, expected", [
+def typed(problem_type, rows):
+    """(problem_type, answer, gt, expected) rows: several types' tables share one test."""
+    return [(problem_type, *row) for row in rows]
+
+
+MULTIPLE_CHOICE = [
     ("A", "A", 1.0),
     (" A\n", "A", 1.0),
     ("a", "A", 0.0),                 # case sensitive
@@ -65,12 +70,8 @@ def test_format_reward(completion, expected):
     ("A\nB", "A", 0.0),
     ("", "A", 0.0),
     ("A" * 10000, "A", 0.0),         # very long answer
-])
-def test_multiple_choice(answer, gt, expected):
-    assert accuracy_reward(tag(answer), tag(gt), "multiple choice") == expected
-
-
-@pytest.mark.parametrize("answer, gt, expected", [
+]
+NUMERICAL = [
     ("3", "3", 1.0),
     (" 42 ", "42", 1.0),
     ("-2", "-2", 1.0),
@@ -89,9 +90,13 @@ def test_multiple_choice(answer, gt, expected):
     ("abc", "3", 0.0),
     ("", "3", 0.0),
     ("three", "three", 0.0),         # unparsable solution: nothing can score
-])
-def test_numerical(answer, gt, expected):
-    assert accuracy_reward(tag(answer), tag(gt), "numerical") == expected
+]
+
+
+@pytest.mark.parametrize("problem_type, answer, gt, expected",
+                         typed("multiple choice", MULTIPLE_CHOICE) + typed("numerical", NUMERICAL))
+def test_all_or_nothing_types(problem_type, answer, gt, expected):
+    assert accuracy_reward(tag(answer), tag(gt), problem_type) == expected   # exactly 0 or 1, no tolerance
 
 
 @pytest.mark.parametrize("answer, gt, expected", [
