@@ -1,12 +1,12 @@
-"""Speed, our way against the official code's, in one run (README: "Speed", "GPU check").
+"""Speed, our way against the official code's, in one run (README: "Speed", "GPU check"); --memory=True instead: peak
+RSS of one T-GRPO step, full fine-tuning against LoRA (README: "Fewer GPUs").
 
     python bench.py                        # the tiny model (out/tiny-qwen2.5-vl), or --model_path=...
     python bench.py configs/bench_gpu.py   # one GPU: Qwen2.5-VL-7B built from its config, random bf16 weights
 
-A clip of random frames shown in order to G rows, shuffled to G~ rows: rollouts to new_tokens (none stops early) in
-one generate call, each clip encoded once, against the official two model.generate calls (the second for p~ only)
-with the pixels repeated per row; then the log-prob + backward pass of the G ordered rows both ways.
---memory=True instead: peak RSS of one T-GRPO step, full fine-tuning against LoRA (README: "Fewer GPUs").
+G ordered + G~ shuffled rows of a random clip: rollouts of new_tokens each (none stops) in one generate call, each clip
+encoded once, against the official two model.generate calls with the pixels repeated per row; then the log-prob +
+backward pass of the G ordered rows both ways.
 """
 import copy
 import importlib.util
@@ -24,8 +24,7 @@ import model as M
 import tgrpo
 
 model_path = "out/tiny-qwen2.5-vl"  # any Qwen2.5-VL folder
-random_7b = ""                      # "full": Qwen2.5-VL-7B's architecture with random weights instead of model_path;
-#                                     "small": the same with 2 narrow layers a tower (vocabulary, ids): its CPU test
+random_7b = ""                      # "full": Qwen2.5-VL-7B, random weights; "small": 2 narrow layers a tower (CPU test)
 num_generations = 8                 # G rows see the clip in order
 num_contrast = 4                    # G~ rows see it shuffled
 frames = 16                         # frames in the clip
@@ -38,7 +37,6 @@ peak_tflops = 989.0                 # dense bf16 peak of the GPU (H100 and H200 
 hbm_tb_s = 3.35                     # its memory bandwidth (H100 SXM; H200: 4.8), for the decode bound
 memory = False                      # True: memory_peak() with full fine-tuning and with LoRA, in forked processes
 C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(random_7b=("", "full", "small")))
-
 
 def config_7b(small):
     """Qwen2.5-VL-7B-Instruct's architecture (its config.json); small: 2 narrow layers a tower, same vocab and ids
@@ -56,7 +54,6 @@ def config_7b(small):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                             vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
-
 def timed(fn):
     """(fn's last result, seconds until the GPU is done with it: the fastest of `repeats` runs)."""
     best = float("inf")
@@ -66,7 +63,6 @@ def timed(fn):
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         best = min(best, time.perf_counter() - t0)
     return out, best
-
 
 def prompt_batch(config, device):
     """G + G~ rows of one prompt (the clip, 60 question tokens clear of special ids); the first G are ordered."""
@@ -79,7 +75,6 @@ def prompt_batch(config, device):
     return M.collate_prompts([prompt] * (num_generations + num_contrast), clips, [0] * num_generations +
                              [1] * num_contrast, 0, config.vision_config.tokens_per_second, device)
 
-
 def hf_inputs(batch, ids):
     """transformers' inputs for prompt + completion ids, the official code's way: the pixels once per row."""
     clips, dev = [batch.clips[c] for c in batch.row_clip], batch.input_ids.device
@@ -89,14 +84,12 @@ def hf_inputs(batch, ids):
                 video_grid_thw=torch.tensor([c.grid_thw for c in clips], device=dev),
                 second_per_grid_ts=torch.tensor([c.second_per_grid for c in clips], device=dev))
 
-
 def hf_logprobs(net, batch, ids, mask):
     """Completion log-probs from transformers' forward (all logits at once) at our M-RoPE positions."""
     positions = (batch.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)).expand(3, -1, -1)
     positions = torch.cat([batch.position_ids, positions], 2)
     logits = net(**hf_inputs(batch, ids), position_ids=positions).logits[:, batch.input_ids.shape[1] - 1:-1].float()
     return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
 
 def memory_peak(lora):
     """Peak RSS (MB) of a process through one T-GRPO step on CPU, a rollout and tgrpo.train_step (reference, loss,
@@ -114,7 +107,6 @@ def memory_peak(lora):
     tgrpo.train_step(C.Optimizer(net.train(), 1e-5, 0.01, 1.0), net, ref, batch.select(range(G)), ids[:G], mask[:G],
                      torch.randn(G, generator=torch.Generator().manual_seed(0)), 1e-5, "cpu")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 if __name__ == "__main__":
     if memory:  # each in a process forked before any model exists
