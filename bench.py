@@ -9,7 +9,6 @@ encoded once, against the official two model.generate calls with the pixels repe
 backward pass of the G ordered rows both ways.
 """
 import copy
-import importlib.util
 import multiprocessing
 import resource
 import sys
@@ -24,7 +23,7 @@ import model as M
 import tgrpo
 
 model_path = "out/tiny-qwen2.5-vl"  # any Qwen2.5-VL folder
-random_7b = ""                      # "full": Qwen2.5-VL-7B, random weights; "small": 2 narrow layers a tower (CPU test)
+random_7b = ""                      # "full": Qwen2.5-VL-7B, random weights; "small": a narrow one (CPU test, memory)
 num_generations = 8                 # G rows see the clip in order
 num_contrast = 4                    # G~ rows see it shuffled
 frames = 16                         # frames in the clip
@@ -39,17 +38,17 @@ memory = False                      # True: memory_peak() with full fine-tuning 
 C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(random_7b=("", "full", "small")))
 
 def config_7b(small):
-    """Qwen2.5-VL-7B-Instruct's architecture (its config.json); small: 2 narrow layers a tower, same vocab and ids
-    (head widths stay 128, as mrope_section needs, and 80)."""
+    """Qwen2.5-VL-7B-Instruct's architecture (its config.json); small: 4 text layers of width 512 and 2 vision blocks,
+    same vocab and ids (head widths stay 128, as mrope_section needs, and 80)."""
     text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                   fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2)
     if small:
-        text |= dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1)
-        vision |= dict(depth=2, hidden_size=160, intermediate_size=256, num_heads=2, out_hidden_size=256,
+        text |= dict(hidden_size=512, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+        vision |= dict(depth=2, hidden_size=160, intermediate_size=256, num_heads=2, out_hidden_size=512,
                        fullatt_block_indexes=[1])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                             vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
@@ -93,11 +92,8 @@ def hf_logprobs(net, batch, ids, mask):
 
 def memory_peak(lora):
     """Peak RSS (MB) of a process through one T-GRPO step on CPU, a rollout and tgrpo.train_step (reference, loss,
-    backward, AdamW update), on config_7b's small model at text hidden 512, 4 layers; LoRA: rank 16, tgrpo's targets."""
+    backward, AdamW update), on config_7b's small model; LoRA: rank 16, tgrpo's targets."""
     config, G = config_7b(True), num_generations
-    config.text_config.update(dict(hidden_size=512, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, layer_types=["full_attention"] * 4))
-    config.vision_config.out_hidden_size = 512
     torch.manual_seed(0)
     net = Qwen2_5_VLForConditionalGeneration._from_config(config)
     net = get_peft_model(net, M.lora_config(dict(tgrpo.config, lora_rank=16))) if lora else net
@@ -141,7 +137,7 @@ if __name__ == "__main__":
     if grad_ckpt:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flops = 6 * (text * G * (sub.input_ids.shape[1] + ids.shape[1]) + vision * sub.clips[0].pixel_values.shape[0])
-    for attn in ["sdpa"] + ["flash_attention_2"] * bool(importlib.util.find_spec("flash_attn")):
+    for attn in dict.fromkeys(["sdpa", C.ATTN]):  # and flash-attention where it is installed
         net.train().set_attn_implementation(attn)
         seconds, line = {}, f"loss     {attn}, log-prob + backward of {G} rows:"
         for way, logprobs in (("ours", M.completion_logprobs), ("official way", hf_logprobs)):

@@ -4,7 +4,7 @@ from conftest import run_script
 
 
 def test_gpu_check_runs_on_cpu_at_small_shapes():
-    """configs/bench_gpu.py with 2 narrow layers a tower (the real vocabulary and token ids), short clips and
+    """configs/bench_gpu.py with a narrow model (the real vocabulary and token ids), short clips and
     rollouts: every measurement prints, and on fp32 the vision-once log-probs equal the pixels-per-row forward."""
     code, output = run_script("bench.py", "configs/bench_gpu.py", "--random_7b=small", "--frames=4", "--height=56",
                               "--width=112", "--new_tokens=3", "--repeats=1")
