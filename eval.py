@@ -49,7 +49,6 @@ shuffled = False                     # also answer each video question on its fr
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))
 GROUP_FIELDS = ("data_source", "category", "family", "temporal")  # record fields the table breaks a benchmark down by
 
-
 def _number(x):
     """A number or numeric string ("1,200" too) as an exact Decimal, so that 0.9 against 1 is 10% off exactly as
     written (binary floats make it 9.99...%); None for anything else, nan and inf (and overflowing floats) included."""
@@ -58,7 +57,6 @@ def _number(x):
     except InvalidOperation:
         return None
     return value if value.is_finite() and math.isfinite(float(value)) else None
-
 
 def mean_relative_accuracy(pred, gt):
     """VSI-Bench's MRA: the share of thresholds t in {0.50, 0.55, ..., 0.95} with |pred - gt| / |gt| < 1 - t.
@@ -74,7 +72,6 @@ def mean_relative_accuracy(pred, gt):
     error = abs(p - g) / abs(g)
     return sum(error < Decimal(k) / 20 for k in range(1, 11)) / 10  # 1 - t = k/20 for t = 0.95, ..., 0.50
 
-
 def score(response, record):
     """The eval metric of one response, in [0, 1] (DETAILS.md, "Eval metrics")."""
     kind = record["problem_type"]
@@ -83,10 +80,8 @@ def score(response, record):
     reward = rewards.accuracy_reward(response, record["solution"], kind)
     return float(reward == 1.0) if kind in ("multiple choice", "numerical") else reward
 
-
 def key(result):
     return result["benchmark"], result["index"], result["shuffled"]
-
 
 def new_result(k, record):
     """Sample k = (benchmark, record index, shuffled?) before it is answered; a failed one keeps score 0 and its
@@ -94,7 +89,6 @@ def new_result(k, record):
     return {"benchmark": k[0], "index": k[1], "shuffled": k[2], "data_type": record["data_type"],
             "problem_type": record["problem_type"], **{f: record[f] for f in GROUP_FIELDS if f in record},
             "response": None, "answer": None, "score": 0.0, "failed": None}
-
 
 def run_batch(model, tokenizer, items, generator, device):
     """Answer items [(k, record)], one result each. Media are loaded per record before batching, so a bad clip fails
@@ -133,7 +127,6 @@ def run_batch(model, tokenizer, items, generator, device):
             results[k].update(response=text, answer=rewards.extract_answer(text), score=score(text, record))
     return list(results.values())
 
-
 def read_results(path, repair=False):
     """The results in one file. Batches are appended whole and flushed, so a crash can only cut the LAST line: it is
     dropped (and with repair=True cut from the file, so appending goes on cleanly); any other bad line is an error."""
@@ -151,11 +144,9 @@ def read_results(path, repair=False):
                 from err
     return results
 
-
 def all_results():
     """Every rank's results; a restart with another number of ranks reads the old ranks' files too."""
     return [r for path in sorted(glob.glob(os.path.join(out_dir, "results.rank*.jsonl"))) for r in read_results(path)]
-
 
 def check_settings(settings):
     """Resume only a run of the same settings, so answers of another checkpoint or frame count never mix in."""
@@ -170,7 +161,6 @@ def check_settings(settings):
         changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
         raise ValueError(f"{out_dir} holds results of other settings (stored, now): {changed}; use another out_dir")
 
-
 def metrics(rows):
     """Scores of one group: `score` over its records answered in order; failed samples count 0 in every mean."""
     mean = lambda rs: sum(r["score"] for r in rs) / len(rs) if rs else None
@@ -181,7 +171,6 @@ def metrics(rows):
         out |= {"videos": len(videos), "ordered": mean(videos), "shuffled": mean([r for r in rows if r["shuffled"]])}
         out["gap"] = out["ordered"] - out["shuffled"] if videos else None
     return out
-
 
 def summarize(results, paths, settings):
     failures = [{"benchmark": r["benchmark"], "index": r["index"], "shuffled": r["shuffled"], "reason": r["failed"]}
@@ -203,7 +192,6 @@ def summarize(results, paths, settings):
         summary["benchmarks"][name] = {"json": path, "all": metrics(rows), "groups": groups}
     return summary
 
-
 def table(summary):
     s, pct = summary["settings"], lambda x, fmt=".1f": "-" if x is None else format(100 * x, fmt)
     decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top_p {s['top_p']}"
@@ -222,7 +210,6 @@ def table(summary):
                 cells += [m["videos"], pct(m["ordered"]), pct(m["shuffled"]), pct(m["gap"], "+.1f")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     device = C.setup_distributed(threads)

@@ -65,7 +65,6 @@ deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) 
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))
 
-
 def ensure_default_inputs():
     """The default run needs no download: the synthetic task and the tiny model are built locally once."""
     if C.RANK == 0 and data_dir == "out/synthetic" and not os.path.exists(os.path.join(data_dir, "sft.json")):
@@ -74,7 +73,6 @@ def ensure_default_inputs():
         records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
         synthetic.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
     C.barrier()
-
 
 def make_batch(model, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions; a bad example is
@@ -93,12 +91,10 @@ def make_batch(model, records, tokenizer, device):
     batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tps, device)
     return batch, ids.to(device), mask.to(device), skipped, truncated
 
-
 def sft_loss(model, batch, target_ids, target_mask):
     """Mean negative log-likelihood over target tokens only: prompt positions never enter the loss."""
     logprobs = M.completion_logprobs(model, batch, target_ids, target_mask)   # (B, T)
     return -(logprobs * target_mask).sum() / target_mask.sum().clamp(min=1)
-
 
 @torch.no_grad()
 def validation_loss(model, val, tokenizer, device):
@@ -112,7 +108,6 @@ def validation_loss(model, val, tokenizer, device):
     if C.WORLD > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[1]).item(), int(totals[2])
-
 
 if __name__ == "__main__":
     device = C.setup_distributed(threads)

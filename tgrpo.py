@@ -111,7 +111,6 @@ config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], 
     num_generations=range(2, 2**16)))
 KL_LOG_RATIO_CLAMP = 10.0            # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
 
-
 def rollout(policy, records, tokenizer, step, device):
     """Generate G ordered rollouts per prompt and G~ contrast ones per video prompt, in one batched call.
     Returns the examples kept, the rows (prompt index, is_contrast), the prompt batch and the completions."""
@@ -136,10 +135,8 @@ def rollout(policy, records, tokenizer, step, device):
                            temperature, top_p, generator)
     return examples, rows, batch, ids, mask, skipped
 
-
 STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_contrast", "bonus_granted",
          "advantage_change")
-
 
 def score(examples, rows, texts, lengths):
     """Rewards of the ordered rollouts, one group per prompt, and the temporal statistics of video prompts."""
@@ -171,10 +168,8 @@ def score(examples, rows, texts, lengths):
             stats[key].extend(values)
     return rewards_out, advantages, stats
 
-
 def rows_of(rows, prompt, is_contrast):
     return [b for b, (j, c) in enumerate(rows) if j == prompt and c == is_contrast]
-
 
 def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     """Eq. 4 as a loss to minimise. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,)."""
@@ -194,12 +189,10 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     return loss, {"kl": ((kl * mask).sum() / tokens).item(),
                   "clip_fraction": ((is_clipped * mask).sum() / tokens).item()}
 
-
 def ordered_batch(batch, rows, ids, mask):
     """The ordered rows only (the loss never sees contrast ones), their prompts sharing clips as before."""
     keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
     return batch.select(keep), ids[keep], mask[keep], keep
-
 
 def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
     """num_iterations updates on one set of rollouts; returns the last update's loss statistics and grad norm.
@@ -220,7 +213,6 @@ def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
         opt.backward(loss)
         grad_norm = opt.step(lr_now)
     return {"loss": loss.item(), **stats, "grad_norm": grad_norm}
-
 
 if __name__ == "__main__":
     device = C.setup_distributed(threads)
