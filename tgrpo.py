@@ -16,24 +16,14 @@ One step, per prompt q of the batch (images and videos mixed):
   J    = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) - beta * KL_k3(pi || pi_ref) ]  (eq. 4)
 Contrast (shuffled or reversed) responses only measure p~; they never enter the loss.
 
-Where this departs from the paper or the official code (DETAILS.md, "Paper vs official code"; each a config value):
-- Eq. 4 is implemented per token, as GRPO/TRL and the official code do: the ratio pi / pi_old of every completion
-  token is clipped on its own and the per-token terms are averaged (loss_norm). The paper writes one ratio per
-  sequence; per token keeps long responses from saturating the clip with a product of hundreds of ratios.
-- Eq. 2-3 void the bonus on most groups: with 0/1 accuracies and one format reward for the whole group,
-  R_i = f + (1 + alpha) a_i and the std division cancels the (1 + alpha) -- only eps moves (tulerfeng/Video-R1 #51).
-  Two config values let it act: bonus_to="advantage" adds r_t to A_i after normalising (the paper's own
-  alternative), scale_rewards=False drops the std division (Dr. GRPO). advantage_change logs what it did.
-- temporal_rule "paper" (p, p~ = share correct at correct_threshold, mu 1.0) by default; "official" uses mean raw
-  accuracy (configs/tgrpo_official.py: mu 0.8 and "correct" = accuracy > 0.1).
-- num_iterations > 1 computes old-policy log-probs so the clip really acts; the official code does one update,
-  where ratio == 1 and the clip is inert (our default, as there).
-- loss_norm "sequence" (mean over each response's tokens, then over responses, as the official code); "token"
-  averages over all tokens of the batch.
-- KL's log-ratio is clamped to +-KL_LOG_RATIO_CLAMP as officially, so one extreme token cannot produce inf.
-- Every sample uses its own problem_type; a per-device batch holds any number of prompts, images and videos mixed;
-  the sampling fps reaches the temporal positions; a failing clip is skipped and counted (skip_bad), never silently
-  replaced by another sample.
+Departures, each a config value or fixed (the table, with the official code's choices: DETAILS.md, "Paper vs
+official code"):
+- Eq. 4 per token, as GRPO/TRL and the official code do: each completion token's ratio pi / pi_old is clipped on
+  its own, where the paper's one ratio per sequence, a product of hundreds, would saturate the clip on long responses.
+- With 0/1 accuracies and one format reward per group, R_i = f + (1 + alpha) a_i and eq. 3's std division cancels
+  the bonus (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
+- Per-sample problem types, images and videos in one batch, the real fps in the temporal positions; a failing clip
+  is an error or a counted skip (skip_bad), never replaced by another sample.
 """
 import contextlib
 import json
