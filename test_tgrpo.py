@@ -109,7 +109,7 @@ def test_image_only_batch_has_no_shuffled_rollouts(toy, monkeypatch):
     examples, rows, batch, ids, mask, skipped = tgrpo.rollout(net, records, tok, 0, "cpu")
     assert len(rows) == 3 * tgrpo.num_generations and not any(shuffled for _, shuffled in rows)
     assert all(shuffled is None for *_, shuffled in examples)
-    _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
+    _, _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
     assert stats["p"] == [] and stats["bonus_granted"] == [] and set(stats["temporal_bonus"]) == {0.0}
     assert len(batch.clips) == 3  # each image encoded once for its 8 rows
 
@@ -121,7 +121,7 @@ def test_mixed_batch_rows_and_clips(toy, monkeypatch):
     G, Gs = tgrpo.num_generations, tgrpo.num_contrast
     assert len(rows) == 4 * G + 2 * Gs and sum(s for _, s in rows) == 2 * Gs
     assert len(batch.clips) == 2 * 2 + 2  # videos: ordered + shuffled clip each; images: one
-    _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
+    _, _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
     assert len(stats["p"]) == 2 and len(stats["accuracy"]) == 4 * G
     sub, sub_ids, sub_mask, keep = tgrpo.ordered_batch(batch, rows, ids, mask)
     assert len(keep) == 4 * G and sub.input_ids.shape[0] == sub_ids.shape[0] == 4 * G
@@ -135,40 +135,38 @@ def test_zero_variance_groups_give_zero_advantages_and_finite_loss(toy):
     examples = [(record, None, None, object())]
     rows = [(0, False)] * G + [(0, True)] * Gs
     for texts in ([answer] * (G + Gs), ["nothing"] * (G + Gs)):   # all correct, then all wrong
-        rewards_, advantages, stats = tgrpo.score(examples, rows, texts, [10] * (G + Gs))
+        _, rewards_, advantages, stats = tgrpo.score(examples, rows, texts, [10] * (G + Gs))
         assert np.all(advantages == 0) and np.all(np.isfinite(rewards_))
         logp = torch.randn(G, 5, requires_grad=True)
-        loss, _ = tgrpo.tgrpo_loss(logp, logp.detach(), logp.detach() + 0.1, torch.tensor(advantages[:G], dtype=torch.float32), torch.ones(G, 5))
+        loss, _ = tgrpo.tgrpo_loss(logp, logp.detach(), logp.detach() + 0.1,
+                                   torch.tensor(advantages[:G], dtype=torch.float32), torch.ones(G, 5))
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
     assert stats["p"] == [0.0] and stats["bonus_granted"] == [1.0] and set(stats["temporal_bonus"]) == {0.0}
 
 
-def test_ordered_rows_beating_shuffled_earn_the_bonus(toy):
-    net, tok, records = load_examples(toy, ["video"], 1)
-    record = records[0]
+@pytest.mark.parametrize("temporal, paid", [(True, 0.3), (False, 0.0)])
+def test_ordered_rows_beating_shuffled_earn_the_bonus_unless_plain_grpo(toy, monkeypatch, temporal, paid):
+    """p = 0.75 >= p~ = 0: the bonus goes to the 3 right ordered rows; plain GRPO measures p and p~ but pays nothing."""
+    monkeypatch.setattr(tgrpo, "temporal", temporal)
+    _, _, (record,) = load_examples(toy, ["video"], 1)
     right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
     examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
-    rewards_, advantages, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
+    accuracy, rewards_, _, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
+    assert accuracy.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # contrast rows too
     assert stats["p"] == [0.75] and stats["p_contrast"] == [0.0] and stats["bonus_granted"] == [1.0]
-    assert rewards_[:4].tolist() == pytest.approx([2.3, 2.3, 2.3, 1.0])
-    rewards_, _, stats = tgrpo.score(examples, rows, [right, wrong, wrong, wrong, right, right], [5] * 6)
+    assert rewards_[:4].tolist() == pytest.approx([2.0 + paid] * 3 + [1.0])
+    assert set(stats["temporal_bonus"]) == {paid, 0.0}
+    _, rewards_, _, stats = tgrpo.score(examples, rows, [right, wrong, wrong, wrong, right, right], [5] * 6)
     assert stats["bonus_granted"] == [0.0] and rewards_[0] == pytest.approx(2.0)  # p = 0.25 < p~ = 1
 
 
-def test_plain_grpo_measures_p_but_pays_no_bonus(toy, monkeypatch):
-    monkeypatch.setattr(tgrpo, "temporal", False)
-    net, tok, records = load_examples(toy, ["video"], 1)
-    record = records[0]
-    right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
-    examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
-    rewards_, _, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
-    assert stats["p"] == [0.75] and stats["p_contrast"] == [0.0] and stats["bonus_granted"] == [1.0]
-    assert rewards_[:4].tolist() == pytest.approx([2.0, 2.0, 2.0, 1.0]) and set(stats["temporal_bonus"]) == {0.0}
+def test_without_contrast_rollouts_no_contrast_clip_is_built(toy, monkeypatch):
     monkeypatch.setattr(tgrpo, "num_contrast", 0)
     monkeypatch.setattr(tgrpo, "max_new_tokens", 2)
+    net, tok, records = load_examples(toy, ["video"], 1)
     examples, rows, batch, *_ = tgrpo.rollout(net, records, tok, 0, "cpu")
-    assert not any(s for _, s in rows) and len(batch.clips) == 1  # no contrast clip is even built
+    assert not any(s for _, s in rows) and len(batch.clips) == 1
 
 
 def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None, stdout=None, before="", timeout=300):
@@ -209,7 +207,8 @@ def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     records[1]["path"] = str(tmp_path / "broken.mp4")         # undecodable
     rl_json = tmp_path / "rl.json"
-    rl_json.write_text(json.dumps(records + [dict(records[2], solution="<answer>nan</answer>", problem_type="numerical")]))
+    nan_truth = dict(records[2], solution="<answer>nan</answer>", problem_type="numerical")
+    rl_json.write_text(json.dumps(records + [nan_truth]))
     stdout = []
     metrics = run_tgrpo(toy, tmp_path / "out", "--skip_bad=True", "--max_steps=24", "--run_steps=12", "--seed=1",
                         rl_json=rl_json, stdout=stdout)
@@ -259,7 +258,7 @@ def test_correct_threshold_decides_the_length_bonus_too(monkeypatch):
     examples, rows = [(record, None, None, None)], [(0, False)] * 2
     for threshold, paid in ((0.5, 0.2), (0.9, 0.0)):
         monkeypatch.setattr(tgrpo, "correct_threshold", threshold)
-        _, _, stats = tgrpo.score(examples, rows, [half, "nothing"], [400, 400])
+        _, _, _, stats = tgrpo.score(examples, rows, [half, "nothing"], [400, 400])
         assert stats["length_bonus"] == [paid, 0.0]
 
 
@@ -298,7 +297,7 @@ def test_the_bonus_acts_only_in_the_variants_on_binary_groups(monkeypatch, bonus
     record = {"solution": "<answer>B</answer>", "problem_type": "multiple choice"}
     right, wrong = "<think>x</think><answer>B</answer>", "<think>x</think><answer>C</answer>"
     examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
-    _, advantages, stats = tgrpo.score(examples, rows, [right, right, wrong, wrong, wrong, wrong], [5] * 6)
+    _, _, advantages, stats = tgrpo.score(examples, rows, [right, right, wrong, wrong, wrong, wrong], [5] * 6)
     assert stats["bonus_granted"] == [1.0] and (stats["advantage_change"][0] > 0.1) == acts
     assert stats["advantage_change"][0] < 1e-4 or acts
 
@@ -435,7 +434,8 @@ def test_lora_under_zero3_equals_zero2(rl_ready, tmp_path):
     ds = json.load(open("configs/ds_zero3.json"))
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    args = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1", "--max_steps=1", "--grad_ckpt=True")
+    args = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1", "--max_steps=1",
+            "--grad_ckpt=True")
     two, three = (run_tgrpo(rl_ready, tmp_path / name, f"--deepspeed={config}", *args, nproc=2)
                   for name, config in (("zero2", "configs/ds_zero2.json"), ("zero3", tmp_path / "zero3.json")))
     assert two[0]["reward"] == three[0]["reward"] and two[0]["grad_norm"] > 0

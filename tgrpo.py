@@ -129,37 +129,35 @@ STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", 
          "advantage_change")
 
 def score(examples, rows, texts, lengths):
-    """Rewards of the ordered rollouts, one group per prompt, and the temporal statistics of video prompts."""
+    """Per row: the accuracy (contrast rows too), and the reward R_i and advantage A_i of ordered rows, one group per
+    prompt; and the step's statistics, the temporal ones over video prompts."""
+    accuracy = np.array([rewards.accuracy_reward(texts[b], examples[i][0]["solution"], examples[i][0]["problem_type"])
+                         for b, (i, _) in enumerate(rows)])
+    fmt = np.array([rewards.format_reward(text) for text in texts])
+    length, bonus, total, advantages = (np.zeros(len(rows)) for _ in range(4))
     stats = {name: [] for name in STATS}
-    rewards_out, advantages = np.zeros(len(rows)), np.zeros(len(rows))
-    for i, (record, _, _, contrast_clip) in enumerate(examples):
-        accuracy = lambda kind: [rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"])
-                                 for b in rows_of(rows, i, kind)]
-        group, acc = rows_of(rows, i, False), accuracy(False)
-        fmt = [rewards.format_reward(texts[b]) for b in group]
-        length = (rewards.length_bonus(acc, [lengths[b] for b in group], length_rule, threshold=correct_threshold)
-                  if length_bonus else [0.0] * len(group))
-        bonus = [0.0] * len(group)
+    for i, (_, _, _, contrast_clip) in enumerate(examples):
+        group = [b for b, row in enumerate(rows) if row == (i, False)]
+        if length_bonus:
+            length[group] = rewards.length_bonus(accuracy[group], [lengths[b] for b in group], length_rule,
+                                                 threshold=correct_threshold)
         if contrast_clip is not None and num_contrast:  # a video with contrast rollouts: the temporal reward
-            bonus, p, p_contrast, granted = rewards.temporal_bonus(acc, accuracy(True), temporal_rule, alpha, mu,
-                                                                   correct_threshold)
-            if not temporal:  # plain GRPO: p and p~ are measured, for comparison, but nothing is paid
-                bonus = [0.0] * len(group)
+            contrast_rows = [b for b, row in enumerate(rows) if row == (i, True)]
+            paid, p, p_contrast, granted = rewards.temporal_bonus(accuracy[group], accuracy[contrast_rows],
+                                                                  temporal_rule, alpha, mu, correct_threshold)
+            bonus[group] = paid if temporal else 0.0  # plain GRPO: p and p~ are measured, for comparison, not paid
             stats["p"].append(p)
             stats["p_contrast"].append(p_contrast)
             stats["bonus_granted"].append(float(granted))
-        base = np.array(acc) + np.array(fmt) + np.array(length)
-        advantages[group], change = rewards.advantages(base, bonus, bonus_to, scale_rewards)
-        total = base + np.array(bonus)  # R_i of eq. 2, logged the same way wherever the bonus goes
-        rewards_out[group] = total
+        base = accuracy[group] + fmt[group] + length[group]
+        advantages[group], change = rewards.advantages(base, bonus[group], bonus_to, scale_rewards)
+        total[group] = base + bonus[group]  # R_i of eq. 2, logged the same way wherever the bonus goes
         stats["advantage_change"].append(change)
-        for key, values in (("accuracy", acc), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus),
-                            ("reward", total)):
-            stats[key].extend(values)
-    return rewards_out, advantages, stats
-
-def rows_of(rows, prompt, is_contrast):
-    return [b for b, (j, c) in enumerate(rows) if j == prompt and c == is_contrast]
+    ordered = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+    for key, values in (("accuracy", accuracy), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus),
+                        ("reward", total)):
+        stats[key] = values[ordered].tolist()
+    return accuracy, total, advantages, stats
 
 def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     """Eq. 4 as a loss to minimise. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,)."""
@@ -227,7 +225,7 @@ if __name__ == "__main__":
         lengths = mask.sum(1).tolist() if examples else []
         policy.train()
         if examples:
-            reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
+            accuracy, reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
             sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
@@ -254,9 +252,7 @@ if __name__ == "__main__":
                 for b in (0, len(rows) - 1):  # an ordered and (for a video) a contrast episode
                     record = examples[rows[b][0]][0]
                     episode = {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
-                               "contrast": rows[b][1], "response": texts[b],
-                               "accuracy": rewards.accuracy_reward(texts[b], record["solution"],
-                                                                   record["problem_type"]),
+                               "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
                                "reward": None if rows[b][1] else float(reward_per_row[b])}
                     samples.write(json.dumps(episode) + "\n")
                     C.print0("sample:", json.dumps(episode))
