@@ -123,6 +123,7 @@ def test_mixed_batch_rows_and_clips(toy, monkeypatch):
     assert len(batch.clips) == 2 * 2 + 2  # videos: ordered + shuffled clip each; images: one
     _, _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
     assert len(stats["p"]) == 2 and len(stats["accuracy"]) == 4 * G
+    assert tgrpo.score([], [], [], [])[3] == {k: [] for k in stats}  # a rank without rollouts logs the same keys
     sub, sub_ids, sub_mask, keep = tgrpo.ordered_batch(batch, rows, ids, mask)
     assert len(keep) == 4 * G and sub.input_ids.shape[0] == sub_ids.shape[0] == 4 * G
 

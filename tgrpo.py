@@ -125,17 +125,14 @@ def rollout(policy, records, tokenizer, step, device):
                            temperature, top_p, generator)
     return examples, rows, batch, ids, mask, skipped
 
-STATS = ("accuracy", "format", "length_bonus", "temporal_bonus", "reward", "p", "p_contrast", "bonus_granted",
-         "advantage_change")
-
 def score(examples, rows, texts, lengths):
     """Per row: the accuracy (contrast rows too), and the reward R_i and advantage A_i of ordered rows, one group per
-    prompt; and the step's statistics, the temporal ones over video prompts."""
+    prompt; and the step's statistics, the temporal ones over video prompts (all empty without rollouts)."""
     accuracy = np.array([rewards.accuracy_reward(texts[b], examples[i][0]["solution"], examples[i][0]["problem_type"])
                          for b, (i, _) in enumerate(rows)])
     fmt = np.array([rewards.format_reward(text) for text in texts])
     length, bonus, total, advantages = (np.zeros(len(rows)) for _ in range(4))
-    stats = {name: [] for name in STATS}
+    stats = {name: [] for name in ("p", "p_contrast", "bonus_granted", "advantage_change")}
     for i, (_, _, _, contrast_clip) in enumerate(examples):
         group = [b for b, row in enumerate(rows) if row == (i, False)]
         if length_bonus:
@@ -223,14 +220,13 @@ if __name__ == "__main__":
         rollout_time = time.time() - t0
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if examples else []  # past a stop: pad
         lengths = mask.sum(1).tolist() if examples else []
+        accuracy, reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
         policy.train()
         if examples:
-            accuracy, reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
             sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
             (sub, sub_ids, sub_mask), advantages = C.placeholder_batch(policy, device), torch.zeros(1, device=device)
-            stats = {name: [] for name in STATS}
         update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now, device)
         update = {k: v if examples or k == "grad_norm" else math.nan for k, v in update.items()}
         local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
