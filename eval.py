@@ -1,7 +1,6 @@
 """Evaluate a checkpoint on Video-R1-format eval JSONs (the paper's six benchmarks come in that format); by default on
-the synthetic task's eval set. Metrics (DETAILS.md, "Eval metrics"): accuracy (reward == 1) for multiple choice and
-numerical, mean relative accuracy for regression, the reward (1 - WER, ROUGE) for OCR and free-form. --shuffled=True
-also answers each video question on its frames shuffled: a model that uses frame order scores lower there (the gap).
+the synthetic task's eval set, with each problem type's metric (DETAILS.md, "Eval metrics"). --shuffled=True also
+answers each video question on its frames shuffled: a model that uses frame order scores lower there (the gap).
 
     python eval.py                                                # out/tgrpo on out/synthetic/eval.json
     python eval.py --model_path=out/sft --shuffled=True
@@ -59,9 +58,8 @@ def _number(x):
     return value if value.is_finite() and math.isfinite(float(value)) else None
 
 def mean_relative_accuracy(pred, gt):
-    """VSI-Bench's MRA: the share of thresholds t in {0.50, 0.55, ..., 0.95} with |pred - gt| / |gt| < 1 - t.
-    A non-numeric, nan or inf prediction scores 0; a ground truth that is not a finite number is an error. gt == 0
-    has no relative error: an exact 0 scores 1 and anything else 0 (as rewards.accuracy_reward's regression)."""
+    """VSI-Bench's MRA: the share of thresholds t in {0.50, 0.55, ..., 0.95} with |pred - gt| / |gt| < 1 - t (gt == 0:
+    1 for an exact 0, else 0). A prediction that is not a finite number scores 0; a ground truth like that, an error."""
     p, g = _number(pred), _number(gt)
     if g is None:
         raise ValueError(f"ground truth {gt!r} is not a finite number")
@@ -83,17 +81,14 @@ def score(response, record):
 def key(result):
     return result["benchmark"], result["index"], result["shuffled"]
 
-def new_result(k, record):
-    """Sample k = (benchmark, record index, shuffled?) before it is answered; a failed one keeps score 0 and its
-    reason."""
-    return {"benchmark": k[0], "index": k[1], "shuffled": k[2], "data_type": record["data_type"],
-            "problem_type": record["problem_type"], **{f: record[f] for f in GROUP_FIELDS if f in record},
-            "response": None, "answer": None, "score": 0.0, "failed": None}
-
 def run_batch(model, tokenizer, items, generator, device):
-    """Answer items [(k, record)], one result each. Media are loaded per record before batching, so a bad clip fails
-    only its own samples; a generate that runs out of memory fails the batch's samples, each with the reason."""
-    results, loaded, prompts, clips, answered = {k: new_result(k, record) for k, record in items}, {}, [], [], []
+    """Answer items [(k, record)], k = (benchmark, record index, shuffled?), one result each; a failed one scores 0
+    and keeps its reason. Media are loaded per record before batching, so a bad clip fails only its own samples; a
+    generate that runs out of memory fails the batch's samples."""
+    results = {k: {"benchmark": k[0], "index": k[1], "shuffled": k[2], "data_type": record["data_type"],
+                   "problem_type": record["problem_type"], **{f: record[f] for f in GROUP_FIELDS if f in record},
+                   "response": None, "answer": None, "score": 0.0, "failed": None} for k, record in items}
+    loaded, prompts, clips, answered = {}, [], [], []
     for k, record in items:
         if k[:2] not in loaded:  # a record's ordered and shuffled samples share one decode; the shuffled order is
             rng = np.random.default_rng([seed, k[1]]) if shuffled else None  # seeded per record, not per batch or rank
@@ -109,9 +104,8 @@ def run_batch(model, tokenizer, items, generator, device):
         clips.append(shuffled_clip if k[2] else clip)
         answered.append((k, record))
     if answered:
-        tokens_per_second = M.unwrap(model).config.vision_config.tokens_per_second
-        batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tokens_per_second,
-                                  device)
+        tps = M.unwrap(model).config.vision_config.tokens_per_second
+        batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tps, device)
         try:
             ids, mask = M.generate(model, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                                    temperature, top_p, generator)

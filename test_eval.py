@@ -16,7 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run_eval(toy, out_dir, *args, nproc=1, check=True):
     """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens to stay fast."""
     data_dir, model_path = toy
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, "eval.py", f"--model_path={model_path}", f"--data={os.path.join(data_dir, 'eval.json')}",
            f"--out_dir={out_dir}", "--batch_size=4", "--max_new_tokens=8", *args]
     result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -28,7 +30,8 @@ def run_eval(toy, out_dir, *args, nproc=1, check=True):
 
 
 def results_by_key(out_dir):
-    rows = [r for name in os.listdir(out_dir) if name.startswith("results.rank") for r in E.read_results(os.path.join(out_dir, name))]
+    rows = [r for name in os.listdir(out_dir) if name.startswith("results.rank")
+            for r in E.read_results(os.path.join(out_dir, name))]
     by_key = {E.key(r): r for r in rows}
     assert len(by_key) == len(rows), "a sample was answered twice"
     return by_key
@@ -44,7 +47,8 @@ def shuffled_run(toy, tmp_path_factory):
 def test_mean_relative_accuracy_by_hand():
     assert E.mean_relative_accuracy(100, 100) == 1.0
     # 10% off: |e| = 0.10 < 1 - t holds for t = 0.50 ... 0.85 (8 thresholds), not for 0.90 (0.10 < 0.10) or 0.95
-    for pred, gt in [(110, 100), (90, 100), ("0.9", "1"), (0.9, 1), (1.1, 1), ("1,100", "1,000"), (-110, -100), ("-90", -100)]:
+    for pred, gt in [(110, 100), (90, 100), ("0.9", "1"), (0.9, 1), (1.1, 1), ("1,100", "1,000"), (-110, -100),
+                     ("-90", -100)]:
         assert E.mean_relative_accuracy(pred, gt) == 0.8, (pred, gt)
     assert E.mean_relative_accuracy(150, 100) == 0.0      # 0.5 < 1 - 0.50 fails: none pass
     assert E.mean_relative_accuracy(149, 100) == 0.1      # only t = 0.50
@@ -100,7 +104,8 @@ def test_summary_counts_failures_as_zero_and_the_gap(monkeypatch):
     assert "data_source=s" not in b["groups"]  # one data_source for all: it splits nothing
     text = E.table(summary)
     assert "2 of 7 samples failed" in text and "| b | control | 2 | 2 | 50.0 | 1 | 0.0 | 0.0 | +0.0 |" in text
-    assert "| b | all | 4 | 2 | 75.0 | 3 | 66.7 | 33.3 | +33.3 |" in text and "| b | family=count | 1 | 0 | 100.0 | 0 | - | - | - |" in text
+    assert "| b | all | 4 | 2 | 75.0 | 3 | 66.7 | 33.3 | +33.3 |" in text
+    assert "| b | family=count | 1 | 0 | 100.0 | 0 | - | - | - |" in text
 
 
 def test_resume_after_a_crash_mid_file(toy, shuffled_run, tmp_path):
@@ -135,7 +140,8 @@ def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path)
     assert "missing.mp4" in missing["reason"] and "not found" in missing["reason"]
     assert long["index"] == bad + 1 and "tokens exceeds max_prompt_tokens=1024" in long["reason"]
     results = results_by_key(tmp_path / "out")
-    assert all(r["response"] is not None and r["failed"] is None for k, r in results.items() if k[1] not in (bad, bad + 1))
+    answered = [r for k, r in results.items() if k[1] not in (bad, bad + 1)]
+    assert all(r["response"] is not None and r["failed"] is None for r in answered)
     whole = summary["benchmarks"]["bench"]["all"]
     assert whole["records"] == 6 and whole["failed"] == 2   # in the denominator, as 0
     assert whole["score"] == pytest.approx(sum(r["score"] for r in results.values()) / 6)
@@ -143,7 +149,8 @@ def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path)
     records[bad]["solution"], records[bad]["problem_type"] = "<answer>nan</answer>", "regression"
     bench.write_text(json.dumps(records))  # a ground truth no answer can match: refused at load, named
     refused = run_eval(toy, tmp_path / "nan", f"--data={bench}", f"--media_root={data_dir}", check=False)
-    assert refused.returncode != 0 and f"{bench} record {bad}: 'solution' answer 'nan' is not a finite number" in refused.stderr
+    assert refused.returncode != 0
+    assert f"{bench} record {bad}: 'solution' answer 'nan' is not a finite number" in refused.stderr
 
 
 def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):
@@ -157,7 +164,8 @@ def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):
         results = E.run_batch(net, tok, items, None, "cpu")
         assert [r["index"] for r in results] == [r["index"] for r in records]
         assert all("out of memory in a batch of 3" in r["failed"] and r["score"] == 0.0 for r in results)
-    monkeypatch.setattr(M, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shapes cannot be multiplied")))
+    shapes = RuntimeError("shapes cannot be multiplied")
+    monkeypatch.setattr(M, "generate", lambda *a, **k: (_ for _ in ()).throw(shapes))
     with pytest.raises(RuntimeError, match="shapes"):
         E.run_batch(net, tok, items, None, "cpu")
 

@@ -30,18 +30,19 @@ def test_loss_ignores_exactly_the_prompt_positions(toy):
     videos = [c for c in vision if c.is_video]
     images = [c for c in vision if not c.is_video]
     positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(T)).expand(3, B, T)], dim=2)
-    kwargs = {}
+    inputs = dict(input_ids=torch.cat([batch.input_ids, ids], 1), position_ids=positions,
+                  attention_mask=torch.cat([batch.attention_mask, mask], 1))
     if videos:
-        kwargs.update(pixel_values_videos=torch.cat([c.pixel_values for c in videos]), video_grid_thw=torch.tensor([c.grid_thw for c in videos]))
+        inputs.update(pixel_values_videos=torch.cat([c.pixel_values for c in videos]),
+                      video_grid_thw=torch.tensor([c.grid_thw for c in videos]))
     if images:
-        kwargs.update(pixel_values=torch.cat([c.pixel_values for c in images]), image_grid_thw=torch.tensor([c.grid_thw for c in images]))
-    reference = net(input_ids=torch.cat([batch.input_ids, ids], 1), attention_mask=torch.cat([batch.attention_mask, mask], 1),
-                    position_ids=positions, labels=labels, **kwargs).loss
+        inputs.update(pixel_values=torch.cat([c.pixel_values for c in images]),
+                      image_grid_thw=torch.tensor([c.grid_thw for c in images]))
+    reference = net(**inputs, labels=labels).loss
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     # and the prompt really is excluded: counting its tokens too would give another value
     labels_with_prompt = torch.cat([batch.input_ids.masked_fill(batch.attention_mask == 0, -100), labels[:, P:]], 1)
-    with_prompt = net(input_ids=torch.cat([batch.input_ids, ids], 1), attention_mask=torch.cat([batch.attention_mask, mask], 1),
-                      position_ids=positions, labels=labels_with_prompt, **kwargs).loss
+    with_prompt = net(**inputs, labels=labels_with_prompt).loss
     assert abs(with_prompt.item() - ours.item()) > 1e-3
 
 
@@ -98,10 +99,12 @@ def test_resume_is_bit_exact(toy, tmp_path, lora):
 
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
     config = {"lr": 1e-3, "name": "x", "temporal": True, "steps": 4}
-    assert C.configure(dict(config), ["--lr=1", "--name=run", "--temporal=False"]) == {"lr": 1.0, "name": "run", "temporal": False, "steps": 4}
+    parsed = C.configure(dict(config), ["--lr=1", "--name=run", "--temporal=False"])
+    assert parsed == {"lr": 1.0, "name": "run", "temporal": False, "steps": 4}
     (tmp_path / "c.py").write_text("steps = 8\nlr = 2e-5\n")
     assert C.configure(dict(config), [str(tmp_path / "c.py"), "--steps=9"])["steps"] == 9
-    for bad, err in [("--lr_rate=1", ValueError), ("--steps=1.5", TypeError), ("--temporal=1", TypeError), ("--lr", ValueError)]:
+    for bad, err in [("--lr_rate=1", ValueError), ("--steps=1.5", TypeError), ("--temporal=1", TypeError),
+                     ("--lr", ValueError)]:
         try:
             C.configure(dict(config), [bad])
         except err as e:

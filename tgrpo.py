@@ -110,12 +110,11 @@ def rollout(policy, records, tokenizer, step, device):
     clips, encoded, row_clip, rows = [], [], [], []
     for i, (_, prompt, clip, contrast_clip) in enumerate(examples):
         for this_clip, n, is_contrast in ((clip, num_generations, False), (contrast_clip, num_contrast, True)):
-            if this_clip is None or n == 0:
-                continue
-            clips.append(this_clip)
-            encoded += [prompt] * n
-            row_clip += [len(clips) - 1] * n
-            rows += [(i, is_contrast)] * n
+            if this_clip is not None:  # a contrast clip exists only for a video, and only when num_contrast > 0
+                clips.append(this_clip)
+                encoded += [prompt] * n
+                row_clip += [len(clips) - 1] * n
+                rows += [(i, is_contrast)] * n
     if not examples:
         return examples, rows, None, None, None, skipped
     tps = M.unwrap(policy).config.vision_config.tokens_per_second
