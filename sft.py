@@ -3,7 +3,6 @@
     python sft.py                                               # tiny model, synthetic task, CPU, minutes
     python sft.py --max_steps=50 --batch_size=4                 # any config value from the command line
     torchrun --nproc_per_node 8 sft.py configs/sft_paper.py     # Qwen2.5-VL-7B, Video-R1-COT-165k, ZeRO-2
-    torchrun --nnodes 2 --node_rank $R --master_addr $HOST --nproc_per_node 8 sft.py configs/sft_paper.py
 
 Where this departs from the official code: the loss covers the assistant tokens only (the official SFT also trains
 on the prompt); the sampling fps reaches the model's temporal positions (it does not there); a batch may mix images

@@ -4,7 +4,6 @@ than on the same frames shuffled, so that it learns to rely on temporal order.
     python tgrpo.py                                  # tiny SFT model (out/sft), synthetic RL set, CPU, minutes
     python tgrpo.py --temporal=False                 # plain GRPO: the paper's ablation
     torchrun --nproc_per_node 8 tgrpo.py configs/tgrpo_paper.py     # Qwen2.5-VL-7B, Video-R1-260k, ZeRO-3
-    torchrun --nnodes 2 --node_rank $R --master_addr $HOST --nproc_per_node 8 tgrpo.py configs/tgrpo_paper.py
 
 One step, per prompt q of the batch (images and videos mixed):
   roll out G responses o_i on the ordered clip and G~ on the shuffled clip (videos only), all rows of the batch in
