@@ -25,13 +25,11 @@ SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
 ROWS = [("temporal", "ordered"), ("temporal", "shuffled"), ("temporal", "gap"),
         ("control", "ordered"), ("control", "shuffled"), ("control", "gap")]
 
-
 def curve(path, key):
     rows = [json.loads(line) for line in open(path)]
     values = np.array([r["p"] - r["p_contrast"] if key == "p_gap" else r[key] for r in rows], dtype=float)
     window = np.ones(SMOOTH)  # NaN (a step without a video prompt) is left out of its window's mean
     return np.convolve(np.nan_to_num(values), window, "valid") / np.convolve(~np.isnan(values), window, "valid")
-
 
 def methods(root):
     """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as tgrpo_mu1.5."""
@@ -39,7 +37,6 @@ def methods(root):
              if os.path.isdir(p)}
     order = lambda n: (list(METHODS).index(n) if n in METHODS else len(METHODS), n)
     return {name: METHODS.get(name, name) for name in sorted(names, key=order)}
-
 
 def plot(root):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
@@ -59,7 +56,6 @@ def plot(root):
     fig.tight_layout()
     fig.savefig(os.path.join(root, "curves.png"), dpi=110)
 
-
 def table(root):
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
@@ -73,7 +69,6 @@ def table(root):
             cells.append(f"{values.mean():{sign}.1f} ± {values.std():.1f}")
         lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "out/compare"

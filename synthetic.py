@@ -52,7 +52,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 TINY_VOCAB = 512  # the synthetic task's text needs few merges; a small vocab keeps the tiny model at ~0.7 M params
 NTH = ("first", "second", "third", "fourth")
 
-
 def paint(W, objs):
     """One RGB frame with objs = [(shape, colour, centre x, centre y, side)]."""
     img = np.empty((W, W, 3), np.uint8)
@@ -69,11 +68,9 @@ def paint(W, objs):
         img[m] = COLOURS[colour]
     return img
 
-
 def pick(rng, k=1):
     """k distinct random colours and k random shapes."""
     return [list(COLOURS)[j] for j in rng.permutation(len(COLOURS))[:k]], [str(s) for s in rng.choice(SHAPES, k)]
-
 
 # Scenes: (rng, slot, frames F, size W, fps) -> (frames, facts for the FAMILIES templates). `slot` counts up
 # within a family; each scene cycles its answers with it (periods chosen so that no attribute predicts another),
@@ -90,7 +87,6 @@ def moving(rng, slot, F, W, fps):
     frames = [paint(W, [(shape, colour, x, y, s)]) for x, y in xys]
     return frames, dict(colour=colour, shape=shape, d=d, start=start, end=end, path=path)
 
-
 def order(rng, slot, F, W, fps):
     """The four colours one after another, F / 4 frames each; asked for the n-th (answer colour and n cycle). The
     ends are easy to point at, the middle needs counting, which the tiny model does poorly (two objects, "which
@@ -100,7 +96,6 @@ def order(rng, slot, F, W, fps):
     seq = rest[:n] + [c] + rest[n:]
     objs = [(str(rng.choice(SHAPES)), col, *rng.uniform(s / 2 + 1, W - s / 2 - 1, 2), s) for col in seq]
     return [paint(W, [objs[t * 4 // F]]) for t in range(F)], dict(c=c, nth=NTH[n], listed=", ".join(seq))
-
 
 def growth(rng, slot, F, W, fps):
     """One object growing from OBJ_FRAC to BIG_FRAC of the frame, or shrinking back."""
@@ -112,7 +107,6 @@ def growth(rng, slot, F, W, fps):
     frames = [paint(W, [(shape, colour, cx, cy, s)]) for s in sides]
     return frames, dict(colour=colour, shape=shape, word=word, first=first, last=last)
 
-
 def change(rng, slot, F, W, fps):
     """One block that turns from one colour to another at frame k (cycled 2..F). Shuffled, the colour counts
     (k - 1 and F + 1 - k) leave k and F + 2 - k equally likely, as nothing tells which colour came first."""
@@ -123,7 +117,6 @@ def change(rng, slot, F, W, fps):
     frames = [paint(W, [("square", c, W / 2, W / 2, OCR_FRAC * W)]) for c in seq]
     return frames, dict(c1=c1, c2=c2, k=k, t=t, seq=", ".join(seq))
 
-
 def ocr(rng, slot, F, W, fps):
     """No font is legible at 56 px, so each "word" (a colour name) is drawn as one big block of that colour."""
     words = [str(rng.choice(list(COLOURS)))]
@@ -131,7 +124,6 @@ def ocr(rng, slot, F, W, fps):
         words.append(str(rng.choice([c for c in COLOURS if c != words[-1]])))
     frames = [paint(W, [("square", words[t // FRAMES_PER_WORD], W / 2, W / 2, OCR_FRAC * W)]) for t in range(F)]
     return frames, dict(text=" ".join(words), listed=", then ".join(words))
-
 
 def count(rng, slot, F, W, fps):
     """1 to 6 (cycled) small objects, one per cell of a 4 x 4 grid, so one 28-px token may hold several; still."""
@@ -143,7 +135,6 @@ def count(rng, slot, F, W, fps):
     listed = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return [paint(W, objs)] * F, dict(n=n, listed=listed)
 
-
 def pair(rng, slot, F, W, fps):
     """Two still objects, shapes and colours distinct; asked for one shape's colour, the model must bind the two."""
     c1, s1 = list(COLOURS)[slot % 4], SHAPES[slot // 4 % 3]
@@ -151,7 +142,6 @@ def pair(rng, slot, F, W, fps):
     objs = [(sh, c, (q % 2 + 0.5) * W / 2, (q // 2 + 0.5) * W / 2, round(OBJ_FRAC * W))
             for sh, c, q in zip((s1, s2), (c1, c2), rng.permutation(4))]
     return [paint(W, objs)] * F, dict(colour=c1, shape=s1, c2=c2, s2=s2)
-
 
 MOVED = "In the first frames the {colour} {shape} is {start}; in the last frames it is {end}."
 CHANGED = "The frames show {seq}. So the colour changes from {c1} to {c2} at frame {k}"
@@ -179,13 +169,11 @@ FAMILIES = {
               "{n}", "I see {listed}. So the count is {n}."),
 }
 
-
 def mc(answer, choices):
     """Options in the family's fixed order, so that a letter always means the same thing: a tiny model can then
     learn "red -> A" directly (with shuffled options it must also bind letters to words, which it did not learn
     in 600 SFT steps: every family stayed at chance). Answers are drawn uniformly, so letters stay balanced."""
     return [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)], "ABCD"[choices.index(answer)]
-
 
 def write_mp4(path, frames, fps):
     with av.open(path, "w") as container:
@@ -194,7 +182,6 @@ def write_mp4(path, frames, fps):
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         container.mux(stream.encode())
-
 
 def make_split(out_dir, split, n, seed, first_id, F, W, fps):
     rng = np.random.default_rng([seed, SPLITS.index(split)])  # per split: eval does not change with n_sft
@@ -221,7 +208,6 @@ def make_split(out_dir, split, n, seed, first_id, F, W, fps):
                               "family": family})
     return records
 
-
 def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56, fps=2):
     """Write the task under out_dir; returns {"sft": path, "rl": path, "eval": path} of the JSON files."""
     # even frame counts and multiples of 28 px map exactly onto Qwen2.5-VL's 2-frame, 28-px patches
@@ -236,9 +222,7 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56
         first_id += n
     return paths
 
-
 # ----------------------------------------------------------------------------- the tiny model the default run trains
-
 def build_tokenizer(texts, vocab_size=TINY_VOCAB):
     """A byte-level BPE tokenizer trained on `texts`, carrying Qwen's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
@@ -250,7 +234,6 @@ def build_tokenizer(texts, vocab_size=TINY_VOCAB):
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
-
 
 def tiny_config(tokenizer):
     """A Qwen2.5-VL of the released architecture, only small: 2 text layers of width 128, a 2-block vision tower."""
@@ -267,7 +250,6 @@ def tiny_config(tokenizer):
                   fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
-
 def ensure_tiny_model(path, texts, seed=0):
     """Write the tiny model + tokenizer to `path` once, so every script loads it like a real checkpoint folder."""
     if os.path.exists(os.path.join(path, "config.json")):
@@ -279,7 +261,6 @@ def ensure_tiny_model(path, texts, seed=0):
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
