@@ -1,24 +1,10 @@
-"""Synthetic video task in the Video-R1 JSON format: the project's default data, small enough for a tiny model.
+"""Synthetic video task in the Video-R1 JSON format (the project's default data, small enough for a tiny model) and
+the tiny Qwen2.5-VL the default run trains.
 
-Clips are a few frames of big, flat-coloured shapes on a dark background. Temporal families need the frame
-ORDER (shuffling the frames destroys their answer); control families do not (shuffling keeps it).
-
-| family     | problem_type    | temporal | data_type    | answer                                       |
-|------------|-----------------|----------|--------------|----------------------------------------------|
-| direction  | multiple choice | yes      | video        | letter of left / right / up / down           |
-| order      | multiple choice | yes      | video        | letter of the n-th of 4 colours shown        |
-| size       | multiple choice | yes      | video        | letter of growing / shrinking                |
-| change     | numerical       | yes      | video        | first frame (1-based) of the new colour, 2..F|
-| change_time| regression      | yes      | video        | that frame's time in seconds, e.g. 1.5       |
-| ocr        | OCR             | yes      | video        | one colour word per frame, e.g. "red blue"   |
-| describe   | free-form       | yes      | video        | "the red square moves from left to right"    |
-| colour     | multiple choice | no       | video, image | letter of the named shape's colour (of two)  |
-| shape      | multiple choice | no       | video, image | letter of square / circle / triangle         |
-| count      | numerical       | no       | video, image | number of small objects, 1 to 6              |
-
-Records are spread evenly over the families; within a family the MC letter, the count and the change frame
-cycle, so answers are balanced, and every second control record is an image. Colour, shape and position are
-random per record. Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]
+Clips are a few frames of big, flat-coloured shapes on a dark background. Temporal families need the frame ORDER
+(shuffling the frames destroys their answer); control families do not (shuffling keeps it). The ten families and
+how their answers are balanced: DETAILS.md, "The synthetic task".
+Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]
 """
 import argparse
 import json
