@@ -1,5 +1,4 @@
-"""Synthetic video task in the Video-R1 JSON format (the project's default data, small enough for a tiny model) and
-the tiny Qwen2.5-VL the default run trains.
+"""The default data, a synthetic video task in the Video-R1 JSON format, and the tiny Qwen2.5-VL it trains.
 
 Clips are a few frames of big, flat-coloured shapes on a dark background. Temporal families need the frame ORDER
 (shuffling the frames destroys their answer); control families do not (shuffling keeps it). The ten families and
@@ -7,6 +6,7 @@ how their answers are balanced: DETAILS.md, "The synthetic task".
 Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]
 """
 import argparse
+import inspect
 import json
 import os
 import time
@@ -27,11 +27,11 @@ BIG_FRAC = 0.6    # the largest object of the size family (the smallest is OBJ_F
 OCR_FRAC = 0.8    # side of the OCR "word" block
 QP = "0"          # lossless H.264: at CRF 12 x264's bits (and so the pixels) varied run to run, even on 1 thread
 FRAMES_PER_WORD = 1  # two OCR words per Qwen2.5-VL temporal patch (2 frames)
-# direction -> (where the object starts, where it ends, free-form wording)
-MOTION = {"left": ("at the right", "at the left", "right to left"),
-          "right": ("at the left", "at the right", "left to right"),
-          "up": ("at the bottom", "at the top", "bottom to top"),
-          "down": ("at the top", "at the bottom", "top to bottom")}
+# direction -> where the object starts, where it ends, the free-form wording
+MOTION = {"left": dict(start="at the right", end="at the left", path="right to left"),
+          "right": dict(start="at the left", end="at the right", path="left to right"),
+          "up": dict(start="at the bottom", end="at the top", path="bottom to top"),
+          "down": dict(start="at the top", end="at the bottom", path="top to bottom")}
 SPLITS = ("sft", "rl", "eval")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -40,8 +40,7 @@ NTH = ("first", "second", "third", "fourth")
 
 def paint(W, objs):
     """One RGB frame with objs = [(shape, colour, centre x, centre y, side)]."""
-    img = np.empty((W, W, 3), np.uint8)
-    img[:] = BACKGROUND
+    img = np.full((W, W, 3), BACKGROUND, np.uint8)
     yy, xx = np.mgrid[:W, :W] + 0.5  # pixel centres
     for shape, colour, cx, cy, s in objs:
         dx, dy = xx - cx, yy - cy
@@ -54,10 +53,6 @@ def paint(W, objs):
         img[m] = COLOURS[colour]
     return img
 
-def pick(rng, k=1):
-    """k distinct random colours and k random shapes."""
-    return [list(COLOURS)[j] for j in rng.permutation(len(COLOURS))[:k]], [str(s) for s in rng.choice(SHAPES, k)]
-
 # Scenes: (rng, slot, frames F, size W, fps) -> (frames, facts for the FAMILIES templates). `slot` counts up
 # within a family; each scene cycles its answers with it (periods chosen so that no attribute predicts another),
 # so every family's answers, and with fixed option order its letters, are balanced.
@@ -69,9 +64,8 @@ def moving(rng, slot, F, W, fps):
     along = np.linspace(rng.uniform(lo, lo + span), rng.uniform(hi - span, hi), F)
     along, across = along if d in ("right", "down") else along[::-1], rng.uniform(lo, hi)
     xys = [(a, across) if d in ("left", "right") else (across, a) for a in along]
-    start, end, path = MOTION[d]
     frames = [paint(W, [(shape, colour, x, y, s)]) for x, y in xys]
-    return frames, dict(colour=colour, shape=shape, d=d, start=start, end=end, path=path)
+    return frames, dict(colour=colour, shape=shape, d=d, **MOTION[d])
 
 def order(rng, slot, F, W, fps):
     """The four colours one after another, F / 4 frames each; asked for the n-th (answer colour and n cycle). The
@@ -85,7 +79,7 @@ def order(rng, slot, F, W, fps):
 
 def growth(rng, slot, F, W, fps):
     """One object growing from OBJ_FRAC to BIG_FRAC of the frame, or shrinking back."""
-    (colour,), (shape,) = pick(rng)
+    colour, shape = str(rng.permutation(list(COLOURS))[0]), str(rng.choice(SHAPES))
     grow, big = slot % 2 == 0, BIG_FRAC * W
     cx, cy = rng.uniform(big / 2, W - big / 2, 2)
     word, first, last = ("growing", "small", "big") if grow else ("shrinking", "big", "small")
@@ -155,12 +149,6 @@ FAMILIES = {
               "{n}", "I see {listed}. So the count is {n}."),
 }
 
-def mc(answer, choices):
-    """Options in the family's fixed order, so that a letter always means the same thing: a tiny model can then
-    learn "red -> A" directly (with shuffled options it must also bind letters to words, which it did not learn
-    in 600 SFT steps: every family stayed at chance). Answers are drawn uniformly, so letters stay balanced."""
-    return [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)], "ABCD"[choices.index(answer)]
-
 def write_mp4(path, frames, fps):
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"qp": QP})
@@ -171,10 +159,9 @@ def write_mp4(path, frames, fps):
 
 def make_split(out_dir, split, n, seed, first_id, F, W, fps):
     rng = np.random.default_rng([seed, SPLITS.index(split)])  # per split: eval does not change with n_sft
-    names, seen, records = list(FAMILIES), dict.fromkeys(FAMILIES, 0), []
-    for i, f in enumerate(rng.permutation(np.resize(np.arange(len(names)), n))):  # families evenly spread
-        family, k = names[f], seen[names[f]]
-        seen[family] += 1
+    records = []
+    for i, family in enumerate(rng.permutation(np.resize(list(FAMILIES), n)).tolist()):  # families evenly spread
+        k = sum(r["family"] == family for r in records)  # the family's records so far
         scene, temporal, ptype, question, choices, answer, think = FAMILIES[family]
         image = not temporal and k % 2 == 1  # every second control record is an image ...
         slot = k if temporal else k // 2  # ... and the answers cycle independently of that
@@ -182,8 +169,9 @@ def make_split(out_dir, split, n, seed, first_id, F, W, fps):
         answer, think = answer.format(**facts), think.format(**facts)
         rec = {"problem_id": first_id + i, "problem": question.format(**facts), "problem_type": ptype,
                "data_type": "image" if image else "video"}
-        if choices:
-            rec["options"], answer = mc(answer, choices)
+        if choices:  # in the family's fixed order: a letter always means one thing (DETAILS.md, "The synthetic task")
+            rec["options"] = [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)]
+            answer = "ABCD"[choices.index(answer)]
         path = f"images/{split}_{i:05d}.png" if image else f"videos/{split}_{i:05d}.mp4"
         if image:
             Image.fromarray(frames[0]).save(os.path.join(out_dir, path))
@@ -221,8 +209,12 @@ def build_tokenizer(texts, vocab_size=TINY_VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
 
-def tiny_config(tokenizer):
-    """A Qwen2.5-VL of the released architecture, only small: 2 text layers of width 128, a 2-block vision tower."""
+def ensure_tiny_model(path, texts, seed=0):
+    """Write the tiny model + tokenizer to `path` once, so every script loads it like a real checkpoint folder: a
+    Qwen2.5-VL of the released architecture, only small (2 text layers of width 128, a 2-block vision tower)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    tokenizer = build_tokenizer(texts)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
@@ -234,15 +226,8 @@ def tiny_config(tokenizer):
     # tokens_per_second 2 as in the 7B checkpoint, so temporal spacing behaves as at paper scale
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                   fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-
-def ensure_tiny_model(path, texts, seed=0):
-    """Write the tiny model + tokenizer to `path` once, so every script loads it like a real checkpoint folder."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return
-    tokenizer = build_tokenizer(texts)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
     tmp = path.rstrip("/") + ".tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -251,11 +236,9 @@ def ensure_tiny_model(path, texts, seed=0):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    for name, default in (("n_sft", 800), ("n_rl", 400), ("n_eval", 400), ("frames", 8), ("size", 56), ("fps", 2)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    args = p.parse_args()
+    for name, param in list(inspect.signature(generate).parameters.items())[1:]:  # --seed, --n_sft, ...
+        p.add_argument(f"--{name}", type=int, default=param.default)
     t0 = time.time()
-    for split, path in generate(**vars(args)).items():
+    for split, path in generate(**vars(p.parse_args())).items():
         print(f"{split}: {path}")
     print(f"generated in {time.time() - t0:.1f} s")
