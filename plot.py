@@ -2,13 +2,11 @@
 
     python plot.py out/compare      # reads <method>_seed*/metrics.jsonl and */eval/summary.json
 
-Writes out/compare/curves.png (total reward, share of video groups with p >= mu * p~, p - p~ and the mean
-|advantage| change the bonus made, over steps; the band is +-1 std over seeds) and prints a markdown table of eval
-accuracy (mean +- std over seeds)."""
-import glob
+Writes out/compare/curves.png (the CURVES below over steps; the band is +-1 std over seeds) and prints a markdown
+table of eval accuracy (mean +- std over seeds)."""
 import json
-import os
 import sys
+from pathlib import Path
 import numpy as np
 import matplotlib
 matplotlib.use("Agg")  # files only, no screen
@@ -22,8 +20,7 @@ CURVES = [("reward", "total reward (T-GRPO's includes the bonus)"),
           ("p_gap", "p - p~ (ordered minus shuffled correct)"),
           ("advantage_change", "mean |advantage change| the bonus made")]
 SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
-ROWS = [("temporal", "ordered"), ("temporal", "shuffled"), ("temporal", "gap"),
-        ("control", "ordered"), ("control", "shuffled"), ("control", "gap")]
+ROWS = [(family, metric) for family in ("temporal", "control") for metric in ("ordered", "shuffled", "gap")]
 
 def curve(path, key):
     rows = [json.loads(line) for line in open(path)]
@@ -33,17 +30,15 @@ def curve(path, key):
 
 def methods(root):
     """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as tgrpo_mu1.5."""
-    names = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(root, "*_seed*"))
-             if os.path.isdir(p)}
-    order = lambda n: (list(METHODS).index(n) if n in METHODS else len(METHODS), n)
-    return {name: METHODS.get(name, name) for name in sorted(names, key=order)}
+    names = {p.name.rsplit("_seed", 1)[0] for p in Path(root).glob("*_seed*") if p.is_dir()}
+    ordered = [m for m in METHODS if m in names] + sorted(names - set(METHODS))  # known ones in METHODS' order first
+    return {name: METHODS.get(name, name) for name in ordered}
 
 def plot(root):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    axes = axes.flatten()
     for method, label in methods(root).items():
-        paths = sorted(glob.glob(os.path.join(root, f"{method}_seed*", "metrics.jsonl")))
-        for ax, (key, title) in zip(axes, CURVES):
+        paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
+        for ax, (key, title) in zip(axes.flat, CURVES):
             runs = [curve(p, key) for p in paths]
             n = min(len(r) for r in runs)
             runs = np.array([r[:n] for r in runs])
@@ -52,16 +47,16 @@ def plot(root):
             ax.fill_between(steps, runs.mean(0) - runs.std(0), runs.mean(0) + runs.std(0), alpha=0.2)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(f"step ({SMOOTH}-step moving average)")
-    axes[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "curves.png"), dpi=110)
+    fig.savefig(Path(root) / "curves.png", dpi=110)
 
 def table(root):
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
     for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
-        pattern = os.path.join(root, "sft" if method == "sft" else f"{method}_seed*", "eval", "summary.json")
-        groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in sorted(glob.glob(pattern))]
+        pattern = ("sft" if method == "sft" else f"{method}_seed*") + "/eval/summary.json"
+        groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in sorted(Path(root).glob(pattern))]
         cells = []
         for family, metric in ROWS:
             values = 100 * np.array([g[family][metric] for g in groups])
@@ -74,4 +69,4 @@ if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "out/compare"
     plot(root)
     print(table(root))
-    print(f"curves: {os.path.join(root, 'curves.png')}")
+    print(f"curves: {Path(root) / 'curves.png'}")

@@ -82,10 +82,10 @@ def growth(rng, slot, F, W, fps):
     colour, shape = str(rng.permutation(list(COLOURS))[0]), str(rng.choice(SHAPES))
     grow, big = slot % 2 == 0, BIG_FRAC * W
     cx, cy = rng.uniform(big / 2, W - big / 2, 2)
-    word, first, last = ("growing", "small", "big") if grow else ("shrinking", "big", "small")
+    word, start, end = ("growing", "small", "big") if grow else ("shrinking", "big", "small")
     sides = np.linspace(OBJ_FRAC * W, big, F)[:: 1 if grow else -1]
     frames = [paint(W, [(shape, colour, cx, cy, s)]) for s in sides]
-    return frames, dict(colour=colour, shape=shape, word=word, first=first, last=last)
+    return frames, dict(colour=colour, shape=shape, word=word, start=start, end=end)
 
 def change(rng, slot, F, W, fps):
     """One block that turns from one colour to another at frame k (cycled 2..F). Shuffled, the colour counts
@@ -123,24 +123,23 @@ def pair(rng, slot, F, W, fps):
             for sh, c, q in zip((s1, s2), (c1, c2), rng.permutation(4))]
     return [paint(W, objs)] * F, dict(colour=c1, shape=s1, c2=c2, s2=s2)
 
-MOVED = "In the first frames the {colour} {shape} is {start}; in the last frames it is {end}."
+FIRST_LAST = "In the first frames the {colour} {shape} is {start}; in the last frames it is {end}."
 CHANGED = "The frames show {seq}. So the colour changes from {c1} to {c2} at frame {k}"
 # name -> (scene, temporal, problem_type, question, MC choices, answer template, reasoning template)
 FAMILIES = {
     "direction": (moving, True, "multiple choice", "Which way does the object move?", list(MOTION),
-                  "{d}", MOVED + " So it moves {d}."),
+                  "{d}", FIRST_LAST + " So it moves {d}."),
     "order": (order, True, "multiple choice", "Which colour appears {nth}?", list(COLOURS),
               "{c}", "The colours come in the order {listed}. So the {nth} is {c}."),
     "size": (growth, True, "multiple choice", "Is the object growing or shrinking?", ["growing", "shrinking"],
-             "{word}", "In the first frames the {colour} {shape} is {first}; in the last frames it is {last}. "
-                       "So it is {word}."),
+             "{word}", FIRST_LAST + " So it is {word}."),
     "change": (change, True, "numerical", "At which frame does the colour change?", None, "{k}", CHANGED + "."),
     "change_time": (change, True, "regression", "At what time in seconds does the colour change?", None,
                     "{t}", CHANGED + ", which is at {t} seconds."),
     "ocr": (ocr, True, "OCR", "Read the colour words in the video in order.", None,
             "{text}", "The blocks show {listed}."),
     "describe": (moving, True, "free-form", "Describe how the object moves.", None,
-                 "the {colour} {shape} moves from {path}", MOVED),
+                 "the {colour} {shape} moves from {path}", FIRST_LAST),
     "colour": (pair, False, "multiple choice", "What colour is the {shape}?", list(COLOURS),
                "{colour}", "The {shape} is {colour} and the {s2} is {c2}. So the {shape} is {colour}."),
     "shape": (moving, False, "multiple choice", "What shape is the object?", SHAPES,
