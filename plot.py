@@ -1,9 +1,6 @@
 """Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean over seeds.
-
-    python plot.py out/compare      # reads <method>_seed*/metrics.jsonl and */eval/summary.json
-
-Writes out/compare/curves.png (the CURVES below over steps; the band is +-1 std over seeds) and prints a markdown
-table of eval accuracy (mean +- std over seeds)."""
+`python plot.py out/compare` reads <method>_seed*/metrics.jsonl and */eval/summary.json, writes curves.png there
+(the CURVES over steps, band +-1 std over seeds) and prints a markdown table of eval accuracy (mean +- std)."""
 import json
 import sys
 from pathlib import Path
@@ -40,9 +37,8 @@ def plot(root):
         paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
         for ax, (key, title) in zip(axes.flat, CURVES):
             runs = [curve(p, key) for p in paths]
-            n = min(len(r) for r in runs)
-            runs = np.array([r[:n] for r in runs])
-            steps = np.arange(n) + SMOOTH
+            runs = np.array([r[:min(map(len, runs))] for r in runs])  # cut to the shortest run
+            steps = np.arange(runs.shape[1]) + SMOOTH
             ax.plot(steps, runs.mean(0), label=f"{label}, {len(paths)} seeds")
             ax.fill_between(steps, runs.mean(0) - runs.std(0), runs.mean(0) + runs.std(0), alpha=0.2)
             ax.set_title(title, fontsize=10)

@@ -1,10 +1,8 @@
 """The default data, a synthetic video task in the Video-R1 JSON format, and the tiny Qwen2.5-VL it trains.
 
-Clips are a few frames of big, flat-coloured shapes on a dark background. Temporal families need the frame ORDER
-(shuffling the frames destroys their answer); control families do not (shuffling keeps it). The ten families and
-how their answers are balanced: DETAILS.md, "The synthetic task".
-Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]
-"""
+Clips of big, flat-coloured shapes. Temporal families need the frame ORDER (shuffling the frames destroys their
+answer), control families do not; the ten families and their balance: DETAILS.md, "The synthetic task".
+Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]"""
 import argparse
 import inspect
 import json
@@ -53,9 +51,8 @@ def paint(W, objs):
         img[m] = COLOURS[colour]
     return img
 
-# Scenes: (rng, slot, frames F, size W, fps) -> (frames, facts for the FAMILIES templates). `slot` counts up
-# within a family; each scene cycles its answers with it (periods chosen so that no attribute predicts another),
-# so every family's answers, and with fixed option order its letters, are balanced.
+# Scenes: (rng, slot, frames F, size W, fps) -> (frames, facts for the FAMILIES templates). Each cycles its answers
+# with `slot`, the count of the family's records so far (periods chosen so that no attribute predicts another).
 def moving(rng, slot, F, W, fps):
     """One object crossing the frame; direction, colour and shape cycle with co-prime periods."""
     colour, shape = list(COLOURS)[(slot + slot // 4) % 4], SHAPES[(slot + slot // 12) % 3]
@@ -69,8 +66,7 @@ def moving(rng, slot, F, W, fps):
 
 def order(rng, slot, F, W, fps):
     """The four colours one after another, F / 4 frames each; asked for the n-th (answer colour and n cycle). The
-    ends are easy to point at, the middle needs counting, which the tiny model does poorly (two objects, "which
-    colour appears first?", saturated at 93-98 %)."""
+    middle ones need counting, which the tiny model does poorly (the first of two colours saturated at 93-98 %)."""
     c, n, s = list(COLOURS)[slot % 4], slot // 4 % 4, round(OBJ_FRAC * W)
     rest = [str(x) for x in rng.permutation([x for x in COLOURS if x != c])]
     seq = rest[:n] + [c] + rest[n:]
@@ -156,31 +152,6 @@ def write_mp4(path, frames, fps):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         container.mux(stream.encode())
 
-def make_split(out_dir, split, n, seed, first_id, F, W, fps):
-    rng = np.random.default_rng([seed, SPLITS.index(split)])  # per split: eval does not change with n_sft
-    records = []
-    for i, family in enumerate(rng.permutation(np.resize(list(FAMILIES), n)).tolist()):  # families evenly spread
-        k = sum(r["family"] == family for r in records)  # the family's records so far
-        scene, temporal, ptype, question, choices, answer, think = FAMILIES[family]
-        image = not temporal and k % 2 == 1  # every second control record is an image ...
-        slot = k if temporal else k // 2  # ... and the answers cycle independently of that
-        frames, facts = scene(rng, slot, F, W, fps)
-        answer, think = answer.format(**facts), think.format(**facts)
-        rec = {"problem_id": first_id + i, "problem": question.format(**facts), "problem_type": ptype,
-               "data_type": "image" if image else "video"}
-        if choices:  # in the family's fixed order: a letter always means one thing (DETAILS.md, "The synthetic task")
-            rec["options"] = [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)]
-            answer = "ABCD"[choices.index(answer)]
-        path = f"images/{split}_{i:05d}.png" if image else f"videos/{split}_{i:05d}.mp4"
-        if image:
-            Image.fromarray(frames[0]).save(os.path.join(out_dir, path))
-        else:
-            write_mp4(os.path.join(out_dir, path), frames, fps)
-        records.append(rec | {"process": f"<think>{think}</think>", "solution": f"<answer>{answer}</answer>",
-                              "path": f"./{path}", "data_source": f"synthetic/{family}", "temporal": temporal,
-                              "family": family})
-    return records
-
 def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56, fps=2):
     """Write the task under out_dir; returns {"sft": path, "rl": path, "eval": path} of the JSON files."""
     # even frame counts and multiples of 28 px map exactly onto Qwen2.5-VL's 2-frame, 28-px patches
@@ -188,10 +159,31 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56
     for sub in ("videos", "images"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     paths, first_id = {}, 0
-    for split, n in zip(SPLITS, (n_sft, n_rl, n_eval)):
+    for split_id, (split, n) in enumerate(zip(SPLITS, (n_sft, n_rl, n_eval))):
+        rng, records = np.random.default_rng([seed, split_id]), []  # per split: eval does not change with n_sft
+        for i, family in enumerate(rng.permutation(np.resize(list(FAMILIES), n)).tolist()):  # families evenly spread
+            k = sum(r["family"] == family for r in records)  # the family's records so far
+            scene, temporal, ptype, question, choices, answer, think = FAMILIES[family]
+            image = not temporal and k % 2 == 1  # every second control record is an image ...
+            slot = k if temporal else k // 2  # ... and the answers cycle independently of that
+            clip, facts = scene(rng, slot, frames, size, fps)
+            answer, think = answer.format(**facts), think.format(**facts)
+            rec = {"problem_id": first_id + i, "problem": question.format(**facts), "problem_type": ptype,
+                   "data_type": "image" if image else "video"}
+            if choices:  # in the family's fixed order: a letter means one thing (DETAILS.md, "The synthetic task")
+                rec["options"] = [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)]
+                answer = "ABCD"[choices.index(answer)]
+            path = f"images/{split}_{i:05d}.png" if image else f"videos/{split}_{i:05d}.mp4"
+            if image:
+                Image.fromarray(clip[0]).save(os.path.join(out_dir, path))
+            else:
+                write_mp4(os.path.join(out_dir, path), clip, fps)
+            records.append(rec | {"process": f"<think>{think}</think>", "solution": f"<answer>{answer}</answer>",
+                                  "path": f"./{path}", "data_source": f"synthetic/{family}", "temporal": temporal,
+                                  "family": family})
         paths[split] = os.path.join(out_dir, f"{split}.json")
         with open(paths[split], "w") as fh:
-            json.dump(make_split(out_dir, split, n, seed, first_id, frames, size, fps), fh, indent=1)
+            json.dump(records, fh, indent=1)
         first_id += n
     return paths
 
