@@ -1,6 +1,5 @@
 """The default data, a synthetic video task in the Video-R1 JSON format, and the tiny Qwen2.5-VL it trains.
-
-Clips of big, flat-coloured shapes. Temporal families need the frame ORDER (shuffling the frames destroys their
+Clips of big, flat-coloured shapes: temporal families need the frame ORDER (shuffling the frames destroys their
 answer), control families do not; the ten families and their balance: DETAILS.md, "The synthetic task".
 Usage: python synthetic.py out/synthetic [--seed 0] [--n_sft 800 --n_rl 400 --n_eval 400]"""
 import argparse
@@ -158,8 +157,8 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56
     assert 8 <= frames <= 16 and frames % 2 == 0 and size % 28 == 0, "8-16 frames, even; size a multiple of 28"
     for sub in ("videos", "images"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    paths, first_id = {}, 0
-    for split_id, (split, n) in enumerate(zip(SPLITS, (n_sft, n_rl, n_eval))):
+    paths, sizes = {}, (n_sft, n_rl, n_eval)
+    for split_id, (split, n) in enumerate(zip(SPLITS, sizes)):
         rng, records = np.random.default_rng([seed, split_id]), []  # per split: eval does not change with n_sft
         for i, family in enumerate(rng.permutation(np.resize(list(FAMILIES), n)).tolist()):  # families evenly spread
             k = sum(r["family"] == family for r in records)  # the family's records so far
@@ -168,8 +167,8 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56
             slot = k if temporal else k // 2  # ... and the answers cycle independently of that
             clip, facts = scene(rng, slot, frames, size, fps)
             answer, think = answer.format(**facts), think.format(**facts)
-            rec = {"problem_id": first_id + i, "problem": question.format(**facts), "problem_type": ptype,
-                   "data_type": "image" if image else "video"}
+            rec = {"problem_id": sum(sizes[:split_id]) + i, "problem": question.format(**facts),
+                   "problem_type": ptype, "data_type": "image" if image else "video"}
             if choices:  # in the family's fixed order: a letter means one thing (DETAILS.md, "The synthetic task")
                 rec["options"] = [f"{'ABCD'[j]}. {c}" for j, c in enumerate(choices)]
                 answer = "ABCD"[choices.index(answer)]
@@ -184,7 +183,6 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56
         paths[split] = os.path.join(out_dir, f"{split}.json")
         with open(paths[split], "w") as fh:
             json.dump(records, fh, indent=1)
-        first_id += n
     return paths
 
 # ----------------------------------------------------------------------------- the tiny model the default run trains
