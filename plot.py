@@ -1,6 +1,5 @@
-"""Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean over seeds.
-`python plot.py out/compare` reads <method>_seed*/metrics.jsonl and */eval/summary.json, writes curves.png there
-(the CURVES over steps, band +-1 std over seeds) and prints a markdown table of eval accuracy (mean +- std)."""
+"""Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean +- std over seeds.
+`python plot.py out/compare` draws the CURVES into curves.png there and prints a markdown table of eval accuracy."""
 import json
 import sys
 from pathlib import Path

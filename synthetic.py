@@ -24,7 +24,6 @@ BIG_FRAC = 0.6    # the largest object of the size family (the smallest is OBJ_F
 OCR_FRAC = 0.8    # side of the OCR "word" block
 QP = "0"          # lossless H.264: at CRF 12 x264's bits (and so the pixels) varied run to run, even on 1 thread
 FRAMES_PER_WORD = 1  # two OCR words per Qwen2.5-VL temporal patch (2 frames)
-# direction -> where the object starts, where it ends, the free-form wording
 MOTION = {"left": dict(start="at the right", end="at the left", path="right to left"),
           "right": dict(start="at the left", end="at the right", path="left to right"),
           "up": dict(start="at the bottom", end="at the top", path="bottom to top"),
@@ -73,7 +72,6 @@ def order(rng, slot, F, W, fps):
     return [paint(W, [objs[t * 4 // F]]) for t in range(F)], dict(c=c, nth=NTH[n], listed=", ".join(seq))
 
 def growth(rng, slot, F, W, fps):
-    """One object growing from OBJ_FRAC to BIG_FRAC of the frame, or shrinking back."""
     colour, shape = str(rng.permutation(list(COLOURS))[0]), str(rng.choice(SHAPES))
     grow, big = slot % 2 == 0, BIG_FRAC * W
     cx, cy = rng.uniform(big / 2, W - big / 2, 2)
