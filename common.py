@@ -57,9 +57,10 @@ def print0(*args, **kwargs):
     if RANK == 0:
         print(*args, **kwargs, flush=True)
 
-def setup_distributed(threads=0):
+def setup_distributed(threads=0, seed=0):
     """torchrun's environment switches distributed mode on (any number of nodes); returns the device to use.
     threads > 0 fixes a CPU run's thread count: summation order, hence every bit, depends on it (DETAILS.md)."""
+    torch.manual_seed(seed + RANK)  # all sampling uses explicit generators; this covers anything else
     cuda = torch.cuda.is_available()
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -208,7 +209,7 @@ def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
     return ref
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
-def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
+def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
     """Write out_dir/step_N: an HF folder that from_pretrained loads (LoRA: merged; the adapter in step_N/adapter), the
     optimizer/DeepSpeed state and run.json, built under a temporary name and renamed into place before `latest` is
     replaced atomically, so a kill at any moment leaves the last good checkpoint whole. No RNG state: all randomness
@@ -230,10 +231,10 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, config):
             if is_zero3(optimizer.model):  # all ranks take part
                 state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
         if RANK == 0:
-            if lora := lora_of(model):  # the adapter, and the weights merged as eval.py merges them: base from disk
+            if lora := lora_of(optimizer.model):  # the adapter, and the weights merged as eval.py merges them
                 lora.save_pretrained(os.path.join(tmp, ADAPTER), state_dict=state_dict)
-                state_dict = load_model(f"{tmp}/{ADAPTER}", "cpu", dtype=next(model.parameters()).dtype)[0].state_dict()
-            unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+                state_dict = load_model(f"{tmp}/{ADAPTER}", "cpu", dtype=next(lora.parameters()).dtype)[0].state_dict()
+            unwrap(optimizer.model).save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if not optimizer.engine:
                 torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))

@@ -206,7 +206,7 @@ def table(summary):
     return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
-    device = C.setup_distributed(threads)
+    device = C.setup_distributed(threads, seed)
     checkpoint = C.latest_checkpoint(model_path) or model_path
     paths = {os.path.splitext(os.path.basename(path))[0]: path for path in data.split(",")}
     if len(paths) < len(data.split(",")):

@@ -4,9 +4,8 @@
     python sft.py --max_steps=50 --batch_size=4                 # any config value from the command line
     torchrun --nproc_per_node 8 sft.py configs/sft_paper.py     # Qwen2.5-VL-7B, Video-R1-COT-165k, ZeRO-2
 
-Where this departs from the official code: the loss covers the assistant tokens only (the official SFT also trains
-on the prompt); the sampling fps reaches the model's temporal positions (it does not there); a batch may mix images
-and videos of any count per device.
+Departures from the official code (loss on the answer tokens only, the real fps in the temporal positions, images
+and videos mixed in any batch size): DETAILS.md, "Paper vs official code".
 """
 import json
 import math
@@ -75,10 +74,10 @@ def ensure_default_inputs():
 
 def make_batch(model, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions; a bad example is
-    skipped and counted under skip_bad. Returns (batch, target ids, target mask, skipped, truncated) or Nones."""
+    skipped and counted under skip_bad. Returns (batch, target ids, target mask, skipped, truncated)."""
     examples, skipped = data.load_examples(records, tokenizer, config, skip_bad)
-    if not examples:
-        return None, None, None, skipped, 0
+    if not examples:  # every record failed: a placeholder row keeps this rank's collectives in step, at zero loss
+        return *C.placeholder_batch(model, device), skipped, 0
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     targets = [torch.tensor(data.encode_plain(tokenizer, data.sft_target(r)) + [end]) for r, *_ in examples]
     truncated = sum(len(t) > max_target_tokens for t in targets)
@@ -101,16 +100,14 @@ def validation_loss(model, val, tokenizer, device):
     for start in range(C.RANK * batch_size, len(val), batch_size * C.WORLD):
         batch, ids, mask, skipped, _ = make_batch(model, val[start:start + batch_size], tokenizer, device)
         totals[2] += skipped
-        if batch is not None:
-            with C.autocast(device):
-                totals[:2] += torch.stack([-(M.completion_logprobs(model, batch, ids, mask) * mask).sum(), mask.sum()])
+        with C.autocast(device):
+            totals[:2] += torch.stack([-(M.completion_logprobs(model, batch, ids, mask) * mask).sum(), mask.sum()])
     if C.WORLD > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[1]).item(), int(totals[2])
 
 if __name__ == "__main__":
-    device = C.setup_distributed(threads)
-    torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
+    device = C.setup_distributed(threads, seed)
     ensure_default_inputs()
     path = train_json or os.path.join(data_dir, "sft.json")
     records, bad = data.load_records(path, media_root or None, skip_bad, required=("process",))
@@ -131,8 +128,6 @@ if __name__ == "__main__":
             records_now = data.epoch_slice(train, position, batch_size, seed)
             batch, ids, mask, n_skip, n_trunc = make_batch(model, records_now, tokenizer, device)
             skipped, truncated = skipped + n_skip, truncated + n_trunc
-            if batch is None:  # every record failed: a placeholder row keeps this rank's collectives in step
-                batch, ids, mask = C.placeholder_batch(model, device)
             with C.autocast(device):
                 loss = sft_loss(model, batch, ids, mask)
             opt.backward(loss / grad_accum, last=micro == grad_accum - 1)
@@ -154,6 +149,6 @@ if __name__ == "__main__":
         if (step + 1) % log_interval == 0 or "val_loss" in metrics:
             C.print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, model, tokenizer, opt, config))
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total} examples in steps")
     C.finish()

@@ -205,7 +205,7 @@ def test_a_lora_adapter_folder_answers_as_its_merged_checkpoint(toy, tmp_path):
     g = torch.Generator().manual_seed(0)
     for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapter do something
         p.data += 0.5 * torch.randn(p.shape, generator=g)
-    step = C.save_checkpoint(str(tmp_path / "run"), 1, net, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora)
+    step = C.save_checkpoint(str(tmp_path / "run"), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora)
     answers = {}
     for name, path in (("adapter", os.path.join(step, C.ADAPTER)), ("merged", step), ("base", model_path)):
         summary, _ = run_eval((data_dir, path), tmp_path / name)

@@ -135,12 +135,12 @@ def test_disk_full_during_a_checkpoint(tiny, tmp_path, monkeypatch):
     """A failed write says which checkpoint failed and that the previous one is intact, and leaves no .tmp folder."""
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
-    first = C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {"lr": 1e-3})
+    first = C.save_checkpoint(str(tmp_path), 1, tok, opt, {"lr": 1e-3})
     for err in [OSError(errno.ENOSPC, "No space left on device"),
                 RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")]:
         monkeypatch.setattr(torch, "save", lambda *a, err=err, **k: (_ for _ in ()).throw(err))
         with pytest.raises(RuntimeError) as failure:
-            C.save_checkpoint(str(tmp_path), 2, net, tok, opt, {"lr": 1e-3})
+            C.save_checkpoint(str(tmp_path), 2, tok, opt, {"lr": 1e-3})
         assert f"writing {tmp_path / 'step_000002'} failed" in str(failure.value)
         assert f"the previous checkpoint is intact: {first}" in str(failure.value)
         assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001"]
@@ -264,9 +264,9 @@ def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
     for step in (1, 2, 3):
-        C.save_checkpoint(str(tmp_path), step, net, tok, opt, {"keep_checkpoints": 2, "keep_weights": False})
+        C.save_checkpoint(str(tmp_path), step, tok, opt, {"keep_checkpoints": 2, "keep_weights": False})
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
-    C.save_checkpoint(str(tmp_path), 1, net, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
+    C.save_checkpoint(str(tmp_path), 1, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
 
 

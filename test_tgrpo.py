@@ -103,6 +103,12 @@ def load_examples(toy, kinds, n_each=2):
     return net, tok, picked
 
 
+def ordered_batch(batch, rows, ids, mask):
+    """The rows the loss sees, as tgrpo.py's loop selects them: the ordered ones."""
+    keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+    return batch.select(keep), ids[keep], mask[keep], keep
+
+
 def test_image_only_batch_has_no_shuffled_rollouts(toy, monkeypatch):
     monkeypatch.setattr(tgrpo, "max_new_tokens", 4)
     net, tok, records = load_examples(toy, ["image"], 3)
@@ -124,7 +130,7 @@ def test_mixed_batch_rows_and_clips(toy, monkeypatch):
     _, _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
     assert len(stats["p"]) == 2 and len(stats["accuracy"]) == 4 * G
     assert tgrpo.score([], [], [], [])[3] == {k: [] for k in stats}  # a rank without rollouts logs the same keys
-    sub, sub_ids, sub_mask, keep = tgrpo.ordered_batch(batch, rows, ids, mask)
+    sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
     assert len(keep) == 4 * G and sub.input_ids.shape[0] == sub_ids.shape[0] == 4 * G
 
 
@@ -247,7 +253,7 @@ def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
     ref, _ = M.load_model(toy[1], "cpu")
     opt = tgrpo.C.Optimizer(policy, 0.0, 0.0, 1.0)  # lr 0: the weights stay, so both updates start at pi_old
     _, rows, batch, ids, mask, _ = tgrpo.rollout(policy, records, tok, 0, "cpu")
-    sub, sub_ids, sub_mask, keep = tgrpo.ordered_batch(batch, rows, ids, mask)
+    sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
     stats = tgrpo.train_step(opt, policy, ref, sub, sub_ids, sub_mask, torch.randn(len(keep)), 0.0, "cpu")
     assert stats["kl"] == 0.0 and stats["clip_fraction"] == 0.0
 
@@ -370,7 +376,7 @@ def lora_model_and_rollout(toy, monkeypatch, prompts=2):
     net, tok = M.load_model(model_path, "cpu", lora=M.lora_config(LORA))
     records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
     examples, rows, batch, ids, mask, _ = tgrpo.rollout(net.eval(), records[:prompts], tok, 0, "cpu")
-    return net, tok, tgrpo.ordered_batch(batch, rows, ids, mask)[:3]
+    return net, tok, ordered_batch(batch, rows, ids, mask)[:3]
 
 
 def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(toy, monkeypatch):
@@ -399,7 +405,7 @@ def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch,
     g = torch.Generator().manual_seed(0)
     for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapters do something
         p.data += 0.1 * torch.randn(p.shape, generator=g)
-    step = C.save_checkpoint(str(tmp_path), 1, net, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4})
+    step = C.save_checkpoint(str(tmp_path), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4})
     logprobs = lambda model: M.completion_logprobs(model.eval(), batch, ids, mask)
     with torch.no_grad():
         policy = logprobs(net)

@@ -15,14 +15,10 @@ One step, per prompt q of the batch (images and videos mixed):
   J    = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) - beta * KL_k3(pi || pi_ref) ]  (eq. 4)
 Contrast (shuffled or reversed) responses only measure p~; they never enter the loss.
 
-Departures, each a config value or fixed (the table, with the official code's choices: DETAILS.md, "Paper vs
-official code"):
-- Eq. 4 per token, as GRPO/TRL and the official code do: each completion token's ratio pi / pi_old is clipped on
-  its own, where the paper's one ratio per sequence, a product of hundreds, would saturate the clip on long responses.
-- With 0/1 accuracies and one format reward per group, R_i = f + (1 + alpha) a_i and eq. 3's std division cancels
-  the bonus (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
-- Per-sample problem types, images and videos in one batch, the real fps in the temporal positions; a failing clip
-  is an error or a counted skip (skip_bad), never replaced by another sample.
+Departures, each a config value or fixed, with the official code's choices: DETAILS.md, "Paper vs official code".
+Eq. 4 runs per token, as GRPO/TRL and the official code do: the paper's one ratio per sequence, a product of
+hundreds, would saturate the clip on long responses. With 0/1 accuracies and one format reward per group eq. 3's std
+division cancels the bonus (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
 """
 import contextlib
 import json
@@ -172,11 +168,6 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     return loss, {"kl": ((kl * mask).sum() / tokens).item(),
                   "clip_fraction": ((is_clipped * mask).sum() / tokens).item()}
 
-def ordered_batch(batch, rows, ids, mask):
-    """The ordered rows only (the loss never sees contrast ones), their prompts sharing clips as before."""
-    keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
-    return batch.select(keep), ids[keep], mask[keep], keep
-
 def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
     """num_iterations updates on one set of rollouts; returns the last update's loss statistics and grad norm.
     Policy, old policy and reference run in one precision regime, so before the first update ratio == 1 and the
@@ -198,8 +189,7 @@ def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
     return {"loss": loss.item(), **stats, "grad_norm": grad_norm}
 
 if __name__ == "__main__":
-    device = C.setup_distributed(threads)
-    torch.manual_seed(seed + C.RANK)  # all sampling uses explicit generators; this covers anything else
+    device = C.setup_distributed(threads, seed)
     train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
     init = C.latest_checkpoint(init_from) or init_from
     policy, tokenizer, opt, start = C.start_training(config, init, device)
@@ -220,8 +210,9 @@ if __name__ == "__main__":
         lengths = mask.sum(1).tolist() if examples else []
         accuracy, reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
         policy.train()
-        if examples:
-            sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
+        if examples:  # the ordered rows only (the loss never sees contrast ones), their prompts sharing clips
+            keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+            sub, sub_ids, sub_mask = batch.select(keep), ids[keep], mask[keep]
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
             (sub, sub_ids, sub_mask), advantages = C.placeholder_batch(policy, device), torch.zeros(1, device=device)
@@ -250,7 +241,7 @@ if __name__ == "__main__":
                                "reward": None if rows[b][1] else float(reward_per_row[b])}
                     samples.write(json.dumps(episode) + "\n")
                     C.print0("sample:", json.dumps(episode))
-        if (step + 1) % ckpt_interval == 0 or step + 1 in (max_steps, stop):
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, policy, tokenizer, opt, config))
+        if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
+            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
     C.finish()
