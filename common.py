@@ -299,3 +299,10 @@ def open_log(path, step):
         with open(path) as f:
             write_atomic(path, "".join(line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step))
     return open(path, "a", buffering=1)  # line-buffered: each line goes out whole as it is written
+
+def log_metrics(log, metrics, show):
+    """A step's metrics as one line of open_log's `log` (rank 0), and printed when `show`."""
+    if log:
+        log.write(json.dumps(metrics) + "\n")
+    if show:
+        print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

@@ -9,7 +9,6 @@ answers each video question on its frames shuffled: a model that uses frame orde
 Answers are appended to out_dir/results.rank{R}.jsonl batch by batch, so a killed run restarts where it stopped. No
 skip_bad: a sample whose media fail or prompt is too long, or whose batch runs out of memory, is a failed result,
 with its reason, scoring 0; a record with a bad field stops the run at load.
-Unlike the official eval, a response without <answer> tags answers "" (there the whole response is the answer).
 """
 import glob
 import json
@@ -142,19 +141,6 @@ def all_results():
     """Every rank's results; a restart with another number of ranks reads the old ranks' files too."""
     return [r for path in sorted(glob.glob(os.path.join(out_dir, "results.rank*.jsonl"))) for r in read_results(path)]
 
-def check_settings(settings):
-    """Resume only a run of the same settings, so answers of another checkpoint or frame count never mix in."""
-    path = os.path.join(out_dir, "run.json")
-    if C.RANK == 0 and not os.path.exists(path):
-        os.makedirs(out_dir, exist_ok=True)
-        C.write_atomic(path, json.dumps(settings, indent=1))
-    C.barrier()
-    with open(path) as f:
-        stored = json.load(f)
-    if stored != settings:
-        changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
-        raise ValueError(f"{out_dir} holds results of other settings (stored, now): {changed}; use another out_dir")
-
 def metrics(rows):
     """Scores of one group: `score` over its records answered in order; failed samples count 0 in every mean."""
     mean = lambda rs: sum(r["score"] for r in rs) / len(rs) if rs else None
@@ -220,7 +206,17 @@ if __name__ == "__main__":
     model, tokenizer = M.load_model(checkpoint, device, attn=attn)  # before run.json: a wrong path must not stick
     model.eval()
     settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
-    check_settings(settings)
+    # resume only a run of the same settings, so answers of another checkpoint or frame count never mix in
+    run_json = os.path.join(out_dir, "run.json")
+    if C.RANK == 0 and not os.path.exists(run_json):
+        os.makedirs(out_dir, exist_ok=True)
+        C.write_atomic(run_json, json.dumps(settings, indent=1))
+    C.barrier()
+    with open(run_json) as f:
+        stored = json.load(f)
+    if stored != settings:
+        changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+        raise ValueError(f"{out_dir} holds results of other settings (stored, now): {changed}; use another out_dir")
     own = os.path.join(out_dir, f"results.rank{C.RANK}.jsonl")
     if os.path.exists(own):
         read_results(own, repair=True)

@@ -7,7 +7,6 @@
 Departures from the official code (loss on the answer tokens only, the real fps in the temporal positions, images
 and videos mixed in any batch size): DETAILS.md, "Paper vs official code".
 """
-import json
 import math
 import os
 import sys
@@ -63,15 +62,6 @@ deepspeed = ""                       # a DeepSpeed json (configs/ds_zero2.json) 
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(attn=M.ATTENTION))
 
-def ensure_default_inputs():
-    """The default run needs no download: the synthetic task and the tiny model are built locally once."""
-    if C.RANK == 0 and data_dir == "out/synthetic" and not os.path.exists(os.path.join(data_dir, "sft.json")):
-        synthetic.generate(data_dir, seed=seed)
-    if C.RANK == 0 and model_path == "out/tiny-qwen2.5-vl":
-        records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
-        synthetic.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
-    C.barrier()
-
 def make_batch(model, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions; a bad example is
     skipped and counted under skip_bad. Returns (batch, target ids, target mask, skipped, truncated)."""
@@ -108,7 +98,13 @@ def validation_loss(model, val, tokenizer, device):
 
 if __name__ == "__main__":
     device = C.setup_distributed(threads, seed)
-    ensure_default_inputs()
+    # the default run needs no download: the synthetic task and the tiny model are built locally once
+    if C.RANK == 0 and data_dir == "out/synthetic" and not os.path.exists(os.path.join(data_dir, "sft.json")):
+        synthetic.generate(data_dir, seed=seed)
+    if C.RANK == 0 and model_path == "out/tiny-qwen2.5-vl":
+        records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
+        synthetic.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records])
+    C.barrier()
     path = train_json or os.path.join(data_dir, "sft.json")
     records, bad = data.load_records(path, media_root or None, skip_bad, required=("process",))
     if len(records) <= val_records:
@@ -144,10 +140,7 @@ if __name__ == "__main__":
             model.eval()
             metrics["val_loss"], metrics["val_skipped"] = validation_loss(model, val, tokenizer, device)
             model.train()
-        if log:
-            log.write(json.dumps(metrics) + "\n")
-        if (step + 1) % log_interval == 0 or "val_loss" in metrics:
-            C.print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        C.log_metrics(log, metrics, (step + 1) % log_interval == 0 or "val_loss" in metrics)
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
             C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total} examples in steps")

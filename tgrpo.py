@@ -229,18 +229,15 @@ if __name__ == "__main__":
         metrics["skipped_at_load"], skipped_total = bad, skipped_total + metrics["skipped"]
         if torch.cuda.is_available():  # this rank's peak so far, to check a memory plan against (README)
             metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if log:
-            log.write(json.dumps(metrics) + "\n")
-            if (step + 1) % log_interval == 0:
-                C.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-            if (step + 1) % sample_interval == 0 and examples:
-                for b in (0, len(rows) - 1):  # an ordered and (for a video) a contrast episode
-                    record = examples[rows[b][0]][0]
-                    episode = {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
-                               "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
-                               "reward": None if rows[b][1] else float(reward_per_row[b])}
-                    samples.write(json.dumps(episode) + "\n")
-                    C.print0("sample:", json.dumps(episode))
+        C.log_metrics(log, metrics, (step + 1) % log_interval == 0)
+        if log and (step + 1) % sample_interval == 0 and examples:
+            for b in (0, len(rows) - 1):  # an ordered and (for a video) a contrast episode
+                record = examples[rows[b][0]][0]
+                episode = {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
+                           "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
+                           "reward": None if rows[b][1] else float(reward_per_row[b])}
+                samples.write(json.dumps(episode) + "\n")
+                C.print0("sample:", json.dumps(episode))
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
             C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
