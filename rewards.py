@@ -4,7 +4,6 @@ official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal a
 or "official" (vllm_grpo_trainer_modified.py). The rules and the departures: DETAILS.md, "Reward semantics"."""
 import math
 import re
-
 import numpy as np
 from rouge_score import rouge_scorer
 
