@@ -76,13 +76,15 @@ def autocast(device):
     """The one precision regime of every forward (policy, old policy, reference): bf16 autocast on GPU."""
     return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
-def mean_over_ranks(values, device):
-    """Average each metric over ranks (NaN where no rank had a value, e.g. p with no video prompt)."""
-    t = torch.tensor([[v, 1.0] if not math.isnan(v) else [0.0, 0.0] for v in values], device=device,
+def mean_over_ranks(values, device, sums=()):
+    """{name: value} averaged over ranks (NaN where no rank had a value, e.g. p with no video prompt), by name in
+    sorted order; the names in `sums` (counts) are added up instead."""
+    names = sorted(values)  # one order on every rank, however each built its dict
+    t = torch.tensor([[values[k], 1.0] if not math.isnan(values[k]) else [0.0, 0.0] for k in names], device=device,
                      dtype=torch.float64)
     if WORLD > 1:
         dist.all_reduce(t)
-    return [s / n if n else math.nan for s, n in t.tolist()]
+    return {k: s if k in sums else s / n if n else math.nan for k, (s, n) in zip(names, t.tolist())}
 
 def barrier():
     if dist.is_initialized():

@@ -130,12 +130,11 @@ if __name__ == "__main__":
             losses += [loss.item()] if mask.any() else []
             tokens += int(mask.sum())
         grad_norm = opt.step(lr_now)
-        counts = C.mean_over_ranks([tokens, skipped, truncated], device)
-        tokens, skipped, truncated = (round(n * C.WORLD) for n in counts)  # sums over ranks
-        skipped_total += skipped
+        counts = {"target_tokens": tokens, "skipped": skipped, "truncated": truncated}
+        counts = {k: round(n) for k, n in C.mean_over_ranks(counts, device, sums=counts).items()}  # sums over ranks
+        skipped_total += counts["skipped"]
         metrics = {"step": step + 1, "loss": float(np.mean(losses)) if losses else math.nan, "lr": lr_now,
-                   "grad_norm": grad_norm, "target_tokens": tokens, "skipped": skipped, "skipped_at_load": bad,
-                   "truncated": truncated, "step_time": time.time() - t0}
+                   "grad_norm": grad_norm, **counts, "skipped_at_load": bad, "step_time": time.time() - t0}
         if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
             model.eval()
             metrics["val_loss"], metrics["val_skipped"] = validation_loss(model, val, tokenizer, device)

@@ -221,12 +221,9 @@ if __name__ == "__main__":
         local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
         local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update,
                   "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
-        names = sorted(local)
-        metrics = {"step": step + 1, **dict(zip(names, C.mean_over_ranks([local[k] for k in names], device))),
-                   "lr": lr_now, "step_time": time.time() - t0}
-        metrics["skipped"] *= C.WORLD  # a count, summed over ranks
-        metrics["rollout_tokens_per_s"] *= C.WORLD
-        metrics["skipped_at_load"], skipped_total = bad, skipped_total + metrics["skipped"]
+        metrics = {"step": step + 1, **C.mean_over_ranks(local, device, sums=("skipped", "rollout_tokens_per_s")),
+                   "lr": lr_now, "step_time": time.time() - t0, "skipped_at_load": bad}
+        skipped_total += metrics["skipped"]
         if torch.cuda.is_available():  # this rank's peak so far, to check a memory plan against (README)
             metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         C.log_metrics(log, metrics, (step + 1) % log_interval == 0)
