@@ -261,14 +261,14 @@ def epoch_slice(records, first, count, seed):
     n = len(records)
     return [records[np.random.default_rng([seed, i // n]).permutation(n)[i % n]] for i in range(first, first + count)]
 
-def load_examples(records, tokenizer, config, skip_bad, contrast_rng=None, contrast="shuffle"):
-    """load_example for each record -> [(record, prompt, clip, contrast_clip)], and how many were skipped (_skip)."""
+def load_examples(records, tokenizer, config, contrast_rng=None, contrast="shuffle"):
+    """load_example per record -> [(record, prompt, clip, contrast_clip)], and how many config's skip_bad skipped."""
     examples = []
     for record in records:
         try:
             examples.append((record, *load_example(record, tokenizer, config, contrast_rng, contrast)))
         except DataError as err:
-            _skip(err, skip_bad)
+            _skip(err, config["skip_bad"])
     return examples, len(records) - len(examples)
 
 def load_example(record, tokenizer, config, contrast_rng=None, contrast="shuffle"):

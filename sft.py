@@ -65,7 +65,7 @@ config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], 
 def make_batch(model, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions; a bad example is
     skipped and counted under skip_bad. Returns (batch, target ids, target mask, skipped, truncated)."""
-    examples, skipped = data.load_examples(records, tokenizer, config, skip_bad)
+    examples, skipped = data.load_examples(records, tokenizer, config)
     if not examples:  # every record failed: a placeholder row keeps this rank's collectives in step, at zero loss
         return *C.placeholder_batch(model, device), skipped, 0
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

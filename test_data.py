@@ -282,7 +282,7 @@ def test_load_example_errors_name_the_json_record_and_media(tmp_path, tokenizer)
     record["problem"] = "How many dots? " * 400  # over max_prompt_tokens: a bad record, named
     with pytest.raises(DataError, match=r"rl.json record 1: prompt of \d+ tokens exceeds max_prompt_tokens=1000"):
         data.load_example(record, tokenizer, config)
-    examples, skipped = data.load_examples([record], tokenizer, config, skip_bad=True)
+    examples, skipped = data.load_examples([record], tokenizer, config | {"skip_bad": True})
     assert examples == [] and skipped == 1
 
 

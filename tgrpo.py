@@ -100,8 +100,7 @@ def rollout(policy, records, tokenizer, step, device):
     """Generate G ordered rollouts per prompt and G~ contrast ones per video prompt, in one batched call.
     Returns the examples kept, the rows (prompt index, is_contrast), the prompt batch and the completions."""
     rng = np.random.default_rng([seed, step, C.RANK])
-    examples, skipped = data.load_examples(records, tokenizer, config, skip_bad, rng if num_contrast else None,
-                                           contrast)
+    examples, skipped = data.load_examples(records, tokenizer, config, rng if num_contrast else None, contrast)
     clips, encoded, row_clip, rows = [], [], [], []
     for i, (_, prompt, clip, contrast_clip) in enumerate(examples):
         for this_clip, n, is_contrast in ((clip, num_generations, False), (contrast_clip, num_contrast, True)):
