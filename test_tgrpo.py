@@ -105,7 +105,7 @@ def load_examples(toy, kinds, n_each=2):
 
 def ordered_batch(batch, rows, ids, mask):
     """The rows the loss sees, as tgrpo.py's loop selects them: the ordered ones."""
-    keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+    keep = tgrpo.ordered_rows(rows)
     return batch.select(keep), ids[keep], mask[keep], keep
 
 

@@ -118,6 +118,10 @@ def rollout(policy, records, tokenizer, step, device):
                            temperature, top_p, generator)
     return examples, rows, batch, ids, mask, skipped
 
+def ordered_rows(rows):
+    """Indices of the ordered rows, the only ones the loss and the logged rewards see (contrast rows measure p~)."""
+    return [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+
 def score(examples, rows, texts, lengths):
     """Per row: the accuracy (contrast rows too), and the reward R_i and advantage A_i of ordered rows, one group per
     prompt; and the step's statistics, the temporal ones over video prompts (all empty without rollouts)."""
@@ -143,7 +147,7 @@ def score(examples, rows, texts, lengths):
         advantages[group], change = rewards.advantages(base, bonus[group], bonus_to, scale_rewards)
         total[group] = base + bonus[group]  # R_i of eq. 2, logged the same way wherever the bonus goes
         stats["advantage_change"].append(change)
-    ordered = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+    ordered = ordered_rows(rows)
     for key, values in (("accuracy", accuracy), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus),
                         ("reward", total)):
         stats[key] = values[ordered].tolist()
@@ -210,7 +214,7 @@ if __name__ == "__main__":
         accuracy, reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
         policy.train()
         if examples:  # the ordered rows only (the loss never sees contrast ones), their prompts sharing clips
-            keep = [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+            keep = ordered_rows(rows)
             sub, sub_ids, sub_mask = batch.select(keep), ids[keep], mask[keep]
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
