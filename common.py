@@ -43,10 +43,9 @@ def configure(namespace, argv, choices=None):
                 value = float(value)
             if type(value) is not type(config[key]):
                 raise TypeError(f"config {key}: expected {type(config[key]).__name__}, got {value!r} (from {arg})")
+            if value not in (choices or {}).get(key, [value]):
+                raise ValueError(f"config {key}: {value!r} is not one of {choices[key]} (from {arg})")
             config[key] = value
-    for key, allowed in (choices or {}).items():
-        if config[key] not in allowed:
-            raise ValueError(f"config {key}: {config[key]!r} is not one of {allowed}")
     namespace.update(config)
     return config
 
@@ -218,7 +217,6 @@ def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
     flows through generators seeded from (seed, step, rank). Checkpoints older than the newest keep_checkpoints
     (0: all stay) keep their HF weights only (keep_weights) or go."""
     keep, keep_weights = config.get("keep_checkpoints", 0), config.get("keep_weights", True)
-    check_in_sync(optimizer.model)
     final = os.path.join(out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
     if RANK == 0:
@@ -240,8 +238,7 @@ def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
             tokenizer.save_pretrained(tmp)
             if not optimizer.engine:
                 torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            with open(os.path.join(tmp, "run.json"), "w") as f:
-                json.dump({"step": step, "config": config}, f, indent=1)
+            write_atomic(os.path.join(tmp, "run.json"), json.dumps({"step": step, "config": config}, indent=1))
     except (OSError, RuntimeError) as err:  # a full disk: torch.save says "[enforce fail at inline_container.cc]"
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"writing {final} failed ({str(err)[:200]}); the previous checkpoint is intact: "
@@ -260,24 +257,9 @@ def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
             for gone in [f"{path}/optimizer.pt", f"{path}/deepspeed"] if keep_weights else [path]:
                 if os.path.exists(gone):  # renamed first: a kill midway leaves no part of it under its name
                     os.replace(gone, gone + ".del")
-                    if os.path.isdir(gone + ".del"):
-                        shutil.rmtree(gone + ".del")
-                    else:
-                        os.remove(gone + ".del")
+                    (shutil.rmtree if os.path.isdir(gone + ".del") else os.remove)(gone + ".del")
     barrier()
     return final
-
-def check_in_sync(model):
-    """Raise if the ranks' replicated weights have drifted apart (a position-weighted checksum). Not under ZeRO-3:
-    the gathered weights each rank would compare are equal by construction, and gathering costs the whole model."""
-    if WORLD == 1 or is_zero3(model):
-        return
-    with torch.no_grad():
-        checksum = sum(p.double().sum() * (i + 1) for i, p in enumerate(unwrap(model).parameters())).reshape(1)
-    sums = [torch.zeros_like(checksum) for _ in range(WORLD)]
-    dist.all_gather(sums, checksum)
-    if any(not torch.equal(s, sums[0]) for s in sums):
-        raise RuntimeError(f"ranks out of sync: weight checksums {[s.item() for s in sums]}")
 
 def latest_checkpoint(out_dir):
     path = os.path.join(out_dir, "latest")
@@ -303,7 +285,7 @@ def open_log(path, step):
     return open(path, "a", buffering=1)  # line-buffered: each line goes out whole as it is written
 
 def log_metrics(log, metrics, show):
-    """A step's metrics as one line of open_log's `log` (rank 0), and printed when `show`."""
+    """A step's metrics (or a sample episode) as one line of open_log's `log` (rank 0), printed when `show`."""
     if log:
         log.write(json.dumps(metrics) + "\n")
     if show:

@@ -66,11 +66,29 @@ RANK_1_CLIPS_FAIL = ON_RANK_1 + ("import data\n    def fail(record, **limits):\n
                                  "        raise data.DataError(record['path'] + ': gone')\n    data.read_media = fail")
 
 
+# Every multi-process run checks, before each checkpoint, that the ranks' weights are equal bit for bit (not under
+# ZeRO-3, whose ranks hold different partitions). The scripts keep them equal by construction (one averaged
+# gradient, one optimizer step): this checks the construction from outside, so the scripts carry no check of it.
+SAME_WEIGHTS_ON_RANKS = """
+import common, torch
+def weights_checked(save):
+    def checked(out_dir, step, tokenizer, optimizer, config):
+        if not common.is_zero3(optimizer.model):
+            w = torch.cat([p.detach().double().flatten() for p in common.unwrap(optimizer.model).parameters()])
+            gathered = [torch.zeros_like(w) for _ in range(common.WORLD)]
+            torch.distributed.all_gather(gathered, w)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), f"ranks out of sync at step {step}"
+        return save(out_dir, step, tokenizer, optimizer, config)
+    return checked
+common.save_checkpoint = weights_checked(common.save_checkpoint)
+"""
+
+
 def run_script(script, *args, nproc=1, before="", timeout=300):
-    """Run `script` with `args` from this folder, under torch.distributed.run when nproc > 1; `before` is Python run
-    first in every process (a test's stand-in for a broken input). A run that outlives `timeout` seconds (a hang)
-    is killed with all its processes. Returns (exit code, stdout + stderr)."""
-    code = (f"import runpy, sys; sys.path.insert(0, '.')\n{before}\n"
+    """Run `script` with `args` from this folder, under torch.distributed.run when nproc > 1 (with the check above);
+    `before` is Python run first in every process (a test's stand-in for a broken input). A run that outlives
+    `timeout` seconds (a hang) is killed with all its processes. Returns (exit code, stdout + stderr)."""
+    code = (f"import runpy, sys; sys.path.insert(0, '.')\n{SAME_WEIGHTS_ON_RANKS * (nproc > 1)}\n{before}\n"
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "--no-python"] if nproc > 1 else []

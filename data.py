@@ -71,7 +71,7 @@ def _check_record(rec, required) -> str | None:
             return f"'options' must be a non-empty list of strings for a multiple choice problem, got {opts!r:.60}"
         if answer not in [o.split(".")[0].strip() for o in opts]:  # Video-R1's options read "A. ..."
             return f"'solution' answer {answer!r:.60} is not one of the option letters of {opts!r:.80}"
-    if rec["problem_type"] in ("numerical", "regression") and rewards._to_number(answer) is None:
+    if rec["problem_type"] in ("numerical", "regression") and rewards.to_number(answer) is None:
         return f"'solution' answer {answer!r:.60} is not a finite number"
     if not isinstance(rec.get("process", ""), str):
         return f"'process' must be a string, got {type(rec['process']).__name__}"
@@ -143,8 +143,6 @@ def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
                max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
     """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps, as qwen-vl-utils samples."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: video file not found")
     try:
         vr = decord.VideoReader(path)
         total, avg_fps = len(vr), vr.get_avg_fps()
@@ -161,8 +159,6 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
 
 def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
     """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's temporal patch."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: image file not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
@@ -175,6 +171,8 @@ def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.n
 
 def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> tuple[np.ndarray, float | None]:
     """Frames of a record's video (with the sampling fps) or image (fps None)."""
+    if not os.path.isfile(record["path"]):
+        raise DataError(f"{record['path']}: {record['data_type']} file not found")
     if record["data_type"] == "video":
         return read_video(record["path"], fps, min_frames, max_frames, min_pixels, max_pixels)
     return read_image(record["path"], min_pixels, max_pixels), None

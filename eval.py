@@ -12,10 +12,9 @@ with its reason, scoring 0; a record with a bad field stops the run at load.
 """
 import glob
 import json
-import math
 import os
 import sys
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -48,13 +47,10 @@ config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], 
 GROUP_FIELDS = ("data_source", "category", "family", "temporal")  # record fields the table breaks a benchmark down by
 
 def _number(x):
-    """A number or numeric string ("1,200" too) as an exact Decimal, so that 0.9 against 1 is 10% off exactly as
-    written (binary floats make it 9.99...%); None for anything else, nan and inf (and overflowing floats) included."""
-    try:
-        value = Decimal(str(x).replace(",", ""))
-    except InvalidOperation:
-        return None
-    return value if value.is_finite() and math.isfinite(float(value)) else None
+    """A number or numeric string ("1,200" too) as the exact Decimal of its shortest repr, so that 0.9 against 1 is
+    10% off as written (binary floats make it 9.99...%); None for anything else, nan and inf included."""
+    value = rewards.to_number(str(x))
+    return None if value is None else Decimal(repr(value))
 
 def mean_relative_accuracy(pred, gt):
     """VSI-Bench's MRA: the share of thresholds t in {0.50, 0.55, ..., 0.95} with |pred - gt| / |gt| < 1 - t (gt == 0:
@@ -159,15 +155,13 @@ def summarize(results, paths, settings):
                "benchmarks": {}}
     for name, path in paths.items():
         rows = [r for r in results if r["benchmark"] == name]
-        groups, seen = {}, {frozenset([frozenset(r["index"] for r in rows)])}  # a field splitting nothing adds nothing
+        groups = {}
         for field in GROUP_FIELDS:
             split = {}
             for r in (r for r in rows if field in r):
                 label = ("temporal" if r[field] else "control") if field == "temporal" else f"{field}={r[field]}"
                 split.setdefault(label, []).append(r)
-            partition = frozenset(frozenset(r["index"] for r in rs) for rs in split.values())
-            if partition not in seen:  # the synthetic set's family repeats its data_source: shown once
-                seen.add(partition)
+            if len(split) > 1:  # a field with one value for all splits nothing
                 groups |= {label: metrics(split[label]) for label in sorted(split)}
         summary["benchmarks"][name] = {"json": path, "all": metrics(rows), "groups": groups}
     return summary

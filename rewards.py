@@ -29,7 +29,7 @@ def format_reward(completion: str) -> float:
     """1.0 iff the whole completion is <think>...</think> then (whitespace) <answer>...</answer>."""
     return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
 
-def _to_number(s: str):
+def to_number(s: str):
     """float of s with "," removed, or None if unparsable or not finite (nan, inf, overflow like "1e999")."""
     try:
         x = float(s.replace(",", ""))
@@ -64,7 +64,7 @@ def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
         return max(0.0, 1.0 - wer(gt, out))        # WER >= 0, so only the floor can bind
     if problem_type == "free-form":
         return min(1.0, max(0.0, rouge_mean(gt, out)))
-    o, g = _to_number(out), _to_number(gt)     # numerical or regression
+    o, g = to_number(out), to_number(gt)     # numerical or regression
     if o is None or g is None:
         return 0.0
     if problem_type == "numerical":

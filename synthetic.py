@@ -176,8 +176,7 @@ def generate(out_dir, seed=0, n_sft=800, n_rl=400, n_eval=400, frames=8, size=56
             else:
                 write_mp4(os.path.join(out_dir, path), clip, fps)
             records.append(rec | {"process": f"<think>{think}</think>", "solution": f"<answer>{answer}</answer>",
-                                  "path": f"./{path}", "data_source": f"synthetic/{family}", "temporal": temporal,
-                                  "family": family})
+                                  "path": f"./{path}", "temporal": temporal, "family": family})
         paths[split] = os.path.join(out_dir, f"{split}.json")
         with open(paths[split], "w") as fh:
             json.dump(records, fh, indent=1)

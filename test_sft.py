@@ -13,7 +13,7 @@ import data
 import common as C
 import model as M
 import sft
-from conftest import RANK_1_CLIPS_FAIL, run_script
+from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script
 
 
 def test_loss_ignores_exactly_the_prompt_positions(toy):
@@ -205,10 +205,27 @@ def test_paper_configs_apply_to_their_scripts():
         assert config["max_prompt_tokens"] == 16384 and config["skip_bad"]
 
 
+RANK_1_DRIFTS = ON_RANK_1 + ("import common\n    step = common.Optimizer.step\n"
+                             "    def drift(self, lr):\n        norm = step(self, lr)\n"
+                             "        next(self.model.parameters()).data[0] += 1e-3\n        return norm\n"
+                             "    common.Optimizer.step = drift")
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_two_plain_torch_ranks_keep_equal_weights(toy, tmp_path, drift):
+    """2 ranks without DeepSpeed average gradients by hand (common.Optimizer.step), so their weights stay equal bit
+    for bit; conftest's check finds it, and finds a rank whose weights drift (the drift: a stand-in for a bug)."""
+    data_dir, model_path = toy
+    code, output = run_script("sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}",
+                              f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=2", "--val_records=8", nproc=2,
+                              before=RANK_1_DRIFTS if drift else "", timeout=240)
+    assert (code != 0 and "ranks out of sync at step 2" in output) if drift else code == 0, output[-3000:]
+
+
 def test_zero2_rank_whose_clips_all_fail_still_steps(toy, tmp_path):
     """2 ranks under ZeRO-2 with skip_bad, every clip of rank 1 failing: that rank runs forward and backward on a
     placeholder row at zero loss, so DeepSpeed's reduction and step, which need every rank, go through (without
-    it: KeyError 0 in ZeRO-2's grad norm). The checkpoint's sync check shows both ranks took the same step."""
+    it: KeyError 0 in ZeRO-2's grad norm). conftest's weight check shows both ranks took the same step."""
     run_sft(toy, tmp_path, "--deepspeed=configs/ds_zero2.json", "--skip_bad=True", "--max_steps=2", nproc=2,
             before=RANK_1_CLIPS_FAIL, timeout=240)
     metrics = metrics_of(tmp_path)

@@ -83,7 +83,7 @@ def test_record_format(task):
         assert len(records) == SIZES[f"n_{split}"]
         root = os.path.dirname(paths[split])
         for r in records:
-            assert r["family"] in synthetic.FAMILIES and r["data_source"] == f"synthetic/{r['family']}"
+            assert r["family"] in synthetic.FAMILIES
             assert r["temporal"] is synthetic.FAMILIES[r["family"]][1]
             assert r["problem_type"] in ("multiple choice", "numerical", "OCR", "free-form", "regression")
             assert r["data_type"] in ("video", "image") and (r["data_type"] == "video" or not r["temporal"])

@@ -21,7 +21,6 @@ hundreds, would saturate the clip on long responses. With 0/1 accuracies and one
 division cancels the bonus (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
 """
 import contextlib
-import json
 import math
 import os
 import sys
@@ -233,11 +232,9 @@ if __name__ == "__main__":
         if log and (step + 1) % sample_interval == 0 and examples:
             for b in (0, len(rows) - 1):  # an ordered and (for a video) a contrast episode
                 record = examples[rows[b][0]][0]
-                episode = {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
-                           "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
-                           "reward": None if rows[b][1] else float(reward_per_row[b])}
-                samples.write(json.dumps(episode) + "\n")
-                C.print0("sample:", json.dumps(episode))
+                C.log_metrics(samples, {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
+                                        "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
+                                        "reward": None if rows[b][1] else float(reward_per_row[b])}, True)
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
             C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
