@@ -71,8 +71,8 @@ def prompt_batch(config, device):
     n = clips[0].num_tokens
     ids = [config.vision_start_token_id, *[config.video_token_id] * n, config.vision_end_token_id]
     prompt = (ids + rng.integers(100, 400, 60).tolist(), [0] + [2] * n + [0] * 61)
-    return M.collate_prompts([prompt] * (num_generations + num_contrast), clips, [0] * num_generations +
-                             [1] * num_contrast, 0, config.vision_config.tokens_per_second, device)
+    return M.collate_prompts([prompt] * (num_generations + num_contrast), clips, 0, config, device,
+                             [0] * num_generations + [1] * num_contrast)
 
 def hf_inputs(batch, ids):
     """transformers' inputs for prompt + completion ids, the official code's way: the pixels once per row."""
@@ -101,7 +101,7 @@ def memory_peak(lora):
     batch = prompt_batch(config, "cpu")
     ids, mask = M.generate(net.eval(), batch, new_tokens, [], 0, generator=torch.Generator().manual_seed(0))
     tgrpo.train_step(C.Optimizer(net.train(), 1e-5, 0.01, 1.0), net, ref, batch.select(range(G)), ids[:G], mask[:G],
-                     torch.randn(G, generator=torch.Generator().manual_seed(0)), 1e-5, "cpu")
+                     torch.randn(G, generator=torch.Generator().manual_seed(0)), 1e-5)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 if __name__ == "__main__":

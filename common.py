@@ -20,8 +20,7 @@ ADAPTER = "adapter"  # a LoRA checkpoint's subfolder holding the adapter in peft
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
 def configure(namespace, argv, choices=None):
     """Apply config files (python assignments, e.g. configs/tgrpo_paper.py) and --key=value, in order, to a script's
-    config block (its globals of plain types). An unknown key, a value of another type or one outside `choices`
-    ({key: allowed values}) is an error raised before anything is loaded."""
+    config block (its globals of plain types). Unknown keys, other types, values outside `choices` raise at once."""
     config = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
     for arg in argv:
         overrides = {}
@@ -64,16 +63,11 @@ def setup_distributed(threads=0, seed=0):
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or torch.get_num_threads())
         return "cpu"
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     torch.cuda.set_device(device)
     return device
-
-def autocast(device):
-    """The one precision regime of every forward (policy, old policy, reference): bf16 autocast on GPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 def mean_over_ranks(values, device, sums=()):
     """{name: value} averaged over ranks (NaN where no rank had a value, e.g. p with no video prompt), by name in
@@ -144,8 +138,7 @@ class Optimizer:
         params = [p for g in self.opt.param_groups for p in g["params"]]
         if WORLD > 1:  # every rank reduces every parameter, so a rank whose batch left one unused cannot hang
             for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.opt.step()
@@ -158,7 +151,7 @@ def placeholder_batch(model, device):
     c = unwrap(model).config
     clip = data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2), True, 1.0)
     prompt = ([c.vision_start_token_id, c.video_token_id, c.vision_end_token_id], [0, 2, 0])
-    return (collate_prompts([prompt], [clip], [0], 0, c.vision_config.tokens_per_second, device),
+    return (collate_prompts([prompt], [clip], 0, c, device),
             *torch.zeros(2, 1, 1, dtype=torch.long, device=device))
 
 def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
@@ -211,11 +204,10 @@ def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
 
 # ----------------------------------------------------------------------------- checkpoints, atomic
 def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
-    """Write out_dir/step_N: an HF folder that from_pretrained loads (LoRA: merged; the adapter in step_N/adapter), the
-    optimizer/DeepSpeed state and run.json, built under a temporary name and renamed into place before `latest` is
-    replaced atomically, so a kill at any moment leaves the last good checkpoint whole. No RNG state: all randomness
-    flows through generators seeded from (seed, step, rank). Checkpoints older than the newest keep_checkpoints
-    (0: all stay) keep their HF weights only (keep_weights) or go."""
+    """Write out_dir/step_N (HF weights, LoRA: merged, and the adapter in step_N/adapter; optimizer or DeepSpeed state;
+    run.json) under a temporary name, renamed into place before `latest` is replaced: a kill at any moment leaves the
+    last good checkpoint whole. No RNG state: all randomness comes from generators seeded by (seed, step, rank).
+    Beyond the newest keep_checkpoints (0: all stay), a checkpoint keeps its HF weights only (keep_weights) or goes."""
     keep, keep_weights = config.get("keep_checkpoints", 0), config.get("keep_weights", True)
     final = os.path.join(out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"

@@ -42,7 +42,6 @@ MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize i
 TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # the paper's training frames have at most 128*28*28 pixels
 MIN_VIDEO_FPS, MAX_VIDEO_FPS = 0.1, 1000.0  # one frame per 10 s; a high-speed camera. Outside: broken timing
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")  # config keys of read_media
-CONTRASTS = ("shuffle", "reverse")  # how contrast_frames breaks the order
 
 REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"  # one per merged patch in the prompt
@@ -51,7 +50,6 @@ MM_TYPE = {IMAGE_PAD: 1, VIDEO_PAD: 2}  # mm_token_type_ids; every other token i
 class DataError(ValueError):
     """Every problem with the inputs (a bad record, a missing or undecodable media file); it names the file."""
 
-# ----------------------------------------------------------------------------- records
 def _check_record(rec, required) -> str | None:
     """The first problem with one record, or None when it is valid."""
     if not isinstance(rec, dict):
@@ -106,7 +104,6 @@ def _skip(err, skip_bad):
         raise err
     print(f"skipped: {err}", file=sys.stderr)
 
-# ----------------------------------------------------------------------------- media
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) -> tuple[int, int]:
     """Qwen's resize rule, as transformers' smart_resize (DETAILS.md, "Frame sampling and resizing")."""
     if max(height, width) / min(height, width) > MAX_ASPECT:
@@ -177,12 +174,8 @@ def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> t
         return read_video(record["path"], fps, min_frames, max_frames, min_pixels, max_pixels)
     return read_image(record["path"], min_pixels, max_pixels), None
 
-def contrast_frames(frames, rng: np.random.Generator, mode="shuffle") -> np.ndarray:
-    """The frames out of order, for T-GRPO's contrast rollouts: a random non-identity permutation or reversed."""
-    if mode == "reverse":
-        return frames[::-1].copy()  # a copy: torch cannot wrap numpy's negative strides
-    if mode not in CONTRASTS:
-        raise ValueError(f"unknown contrast mode {mode!r}; expected one of {CONTRASTS}")
+def contrast_frames(frames, rng: np.random.Generator) -> np.ndarray:
+    """The frames in a random order other than their own: T-GRPO's contrast clip and eval's shuffled twin."""
     n = len(frames)
     if n < 2:
         raise ValueError(f"cannot shuffle {n} frame(s): any order of them is the original order")
@@ -191,7 +184,6 @@ def contrast_frames(frames, rng: np.random.Generator, mode="shuffle") -> np.ndar
         if (perm != np.arange(n)).any():
             return frames[perm]
 
-# ----------------------------------------------------------------------------- model inputs
 @dataclass
 class Clip:
     pixel_values: torch.Tensor  # float32 (t*h*w, 3*TEMPORAL_PATCH*PATCH*PATCH), Qwen's patch order
@@ -208,8 +200,7 @@ def make_clip(frames, fps) -> Clip:
     """CLIP-normalise (n, H, W, 3) uint8 frames and lay them out as Qwen2.5-VL's pixel_values (what its processor
     does; done by hand because transformers' video processor needs torchvision). fps None -> an image clip."""
     n, H, W, _ = frames.shape
-    assert n % TEMPORAL_PATCH == 0, f"frame count {n} must be a multiple of {TEMPORAL_PATCH}"
-    assert H % FACTOR == 0 and W % FACTOR == 0, f"frame size {H}x{W} must be multiples of {FACTOR}"
+    assert n % TEMPORAL_PATCH == H % FACTOR == W % FACTOR == 0, f"{n} frames of {H}x{W}: off the patch grid"
     t, h, w = n // TEMPORAL_PATCH, H // PATCH, W // PATCH
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
@@ -259,24 +250,24 @@ def epoch_slice(records, first, count, seed):
     n = len(records)
     return [records[np.random.default_rng([seed, i // n]).permutation(n)[i % n]] for i in range(first, first + count)]
 
-def load_examples(records, tokenizer, config, contrast_rng=None, contrast="shuffle"):
+def load_examples(records, tokenizer, config, contrast_rng=None):
     """load_example per record -> [(record, prompt, clip, contrast_clip)], and how many config's skip_bad skipped."""
     examples = []
     for record in records:
         try:
-            examples.append((record, *load_example(record, tokenizer, config, contrast_rng, contrast)))
+            examples.append((record, *load_example(record, tokenizer, config, contrast_rng)))
         except DataError as err:
             _skip(err, config["skip_bad"])
     return examples, len(records) - len(examples)
 
-def load_example(record, tokenizer, config, contrast_rng=None, contrast="shuffle"):
+def load_example(record, tokenizer, config, contrast_rng=None):
     """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip (same token count, so
     the same prompt); `config` gives FRAME_LIMITS and max_prompt_tokens. A DataError names the JSON file and record."""
     try:
         frames, fps = read_media(record, **{key: config[key] for key in FRAME_LIMITS})
         clip = make_clip(frames, fps)
         has_contrast = contrast_rng is not None and clip.is_video  # an image has no frame order to break
-        contrast_clip = make_clip(contrast_frames(frames, contrast_rng, contrast), fps) if has_contrast else None
+        contrast_clip = make_clip(contrast_frames(frames, contrast_rng), fps) if has_contrast else None
         return encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"]), clip, contrast_clip
     except DataError as err:
         raise DataError(f"{record['json']} record {record['index']}: {err}") from err

@@ -6,9 +6,8 @@ answers each video question on its frames shuffled: a model that uses frame orde
     python eval.py --model_path=out/sft --shuffled=True
     torchrun --nproc_per_node 8 eval.py --model_path=ckpt --data=eval_vsibench.json,eval_mvbench.json --max_frames=32
 
-Answers are appended to out_dir/results.rank{R}.jsonl batch by batch, so a killed run restarts where it stopped. No
-skip_bad: a sample whose media fail or prompt is too long, or whose batch runs out of memory, is a failed result,
-with its reason, scoring 0; a record with a bad field stops the run at load.
+Answers are appended to out_dir/results.rank{R}.jsonl batch by batch: a killed run restarts where it stopped. No
+skip_bad: a sample whose media, prompt length or batch memory fail scores 0, with its reason; a bad field stops it.
 """
 import glob
 import json
@@ -77,42 +76,39 @@ def key(result):
     return result["benchmark"], result["index"], result["shuffled"]
 
 def run_batch(model, tokenizer, items, generator, device):
-    """Answer items [(k, record)], k = (benchmark, record index, shuffled?), one result each; a failed one scores 0
-    and keeps its reason. Media are loaded per record before batching, so a bad clip fails only its own samples; a
-    generate that runs out of memory fails the batch's samples."""
+    """One result per item (k, record), k = (benchmark, record index, shuffled?); a failed one scores 0 with its
+    reason. A bad clip fails its own samples only (media load per record); running out of memory, the batch's."""
     results = {k: {"benchmark": k[0], "index": k[1], "shuffled": k[2], "data_type": record["data_type"],
                    "problem_type": record["problem_type"], **{f: record[f] for f in GROUP_FIELDS if f in record},
                    "response": None, "answer": None, "score": 0.0, "failed": None} for k, record in items}
-    loaded, prompts, clips, answered = {}, [], [], []
+    loaded, answered = {}, []
     for k, record in items:
         if k[:2] not in loaded:  # a record's ordered and shuffled samples share one decode; the shuffled order is
             rng = np.random.default_rng([seed, k[1]]) if shuffled else None  # seeded per record, not per batch or rank
             try:
-                loaded[k[:2]] = D.load_example(record, tokenizer, config, rng, "shuffle")
+                loaded[k[:2]] = D.load_example(record, tokenizer, config, rng)
             except D.DataError as err:
                 loaded[k[:2]] = err
         if isinstance(loaded[k[:2]], D.DataError):
             results[k]["failed"] = str(loaded[k[:2]])
             continue
         prompt, clip, shuffled_clip = loaded[k[:2]]
-        prompts.append(prompt)
-        clips.append(shuffled_clip if k[2] else clip)
-        answered.append((k, record))
+        answered.append((k, record, prompt, shuffled_clip if k[2] else clip))
     if answered:
-        tps = M.unwrap(model).config.vision_config.tokens_per_second
-        batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tps, device)
+        keys, records, prompts, clips = zip(*answered)
+        batch = M.collate_prompts(prompts, clips, tokenizer.pad_token_id, M.unwrap(model).config, device)
         try:
             ids, mask = M.generate(model, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                                    temperature, top_p, generator)
         except RuntimeError as err:  # CUDA's torch.OutOfMemoryError, or the CPU allocator's RuntimeError; others rise
             if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
                 raise
-            for k, _ in answered:
-                results[k]["failed"] = f"out of memory in a batch of {len(answered)}: {str(err).splitlines()[0][:200]}"
+            for k in keys:
+                results[k]["failed"] = f"out of memory in a batch of {len(keys)}: {str(err).splitlines()[0][:200]}"
             return list(results.values())
         # past its stop a row holds pad, a special token that decoding skips (never ids * mask: id 0 is "!" in Qwen)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        for (k, record), text in zip(answered, texts):
+        for k, record, text in zip(keys, records, texts):
             results[k].update(response=text, answer=rewards.extract_answer(text), score=score(text, record))
     return list(results.values())
 
@@ -129,8 +125,7 @@ def read_results(path, repair=False):
         try:
             results.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {n} is not a result ({err}): only the last line may be cut by a crash") \
-                from err
+            raise ValueError(f"{path} line {n} is not a result ({err}); only a last line is cut by a crash") from err
     return results
 
 def all_results():
@@ -149,10 +144,8 @@ def metrics(rows):
     return out
 
 def summarize(results, paths, settings):
-    failures = [{"benchmark": r["benchmark"], "index": r["index"], "shuffled": r["shuffled"], "reason": r["failed"]}
-                for r in results if r["failed"] is not None]
-    summary = {"settings": settings, "samples": len(results), "failed": len(failures), "failures": failures,
-               "benchmarks": {}}
+    bad = [r for r in results if r["failed"] is not None]
+    summary = {"settings": settings, "samples": len(results), "failed": len(bad), "failures": bad, "benchmarks": {}}
     for name, path in paths.items():
         rows = [r for r in results if r["benchmark"] == name]
         groups = {}

@@ -49,11 +49,9 @@ def stop_ids(tokenizer):
     """A turn ends at <|im_end|>; Qwen2.5-VL-Instruct's generation config also stops at <|endoftext|>."""
     return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
-# ----------------------------------------------------------------------------- M-RoPE positions, by hand
 def mrope_positions(mm_types, clip, tokens_per_second):
-    """(3, L) positions of one unpadded prompt with at most one vision block, by the rule the released checkpoints
-    were trained with: vision tokens get (start + t*tokens_per_second*second_per_grid, start + row, start + col),
-    text after them the block's largest position + 1, where transformers 5.24 overlaps a long video (DETAILS.md)."""
+    """(3, L) positions of an unpadded prompt with one vision block at most, as the released checkpoints learnt: vision
+    (start + t*tokens_per_second*second_per_grid, start + row, start + col), text after it its max + 1 (DETAILS.md)."""
     L = len(mm_types)
     pos = torch.arange(L).expand(3, L).clone()
     vision = torch.tensor(mm_types).nonzero().flatten()
@@ -70,7 +68,6 @@ def mrope_positions(mm_types, clip, tokens_per_second):
     pos[:, end:] = block.max() + 1 + torch.arange(L - end)
     return pos
 
-# ----------------------------------------------------------------------------- batches, vision once, forward
 def lora_of(model):
     """The peft wrapper of a LoRA run (inside a DeepSpeed engine or not), else None."""
     return inner if isinstance(inner := getattr(model, "module", model), PeftModel) else None
@@ -97,9 +94,10 @@ class PromptBatch:
                            self.position_ids[:, index], self.next_pos[index], self.clips,
                            [self.row_clip[b] for b in rows])
 
-def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device="cpu"):
-    """encoded[b] = (ids, mm_types) of row b, as data.encode_prompt returns them."""
+def collate_prompts(encoded, clips, pad_id, config, device="cpu", row_clip=None):
+    """Row b: encoded[b] = (ids, mm_types), as data.encode_prompt gives them, shows clips[row_clip[b]] (or clips[b])."""
     B, P = len(encoded), max(len(ids) for ids, _ in encoded)
+    row_clip = list(range(B)) if row_clip is None else row_clip
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, P, dtype=torch.long)
     mm_types = torch.zeros(B, P, dtype=torch.long)
@@ -108,15 +106,14 @@ def collate_prompts(encoded, clips, row_clip, pad_id, tokens_per_second, device=
         n = len(ids)
         clip = clips[row_clip[b]] if row_clip[b] is not None else None
         input_ids[b, P - n:], mm_types[b, P - n:], attention_mask[b, P - n:] = torch.tensor(ids), torch.tensor(types), 1
-        position_ids[:, b, P - n:] = mrope_positions(types, clip, tokens_per_second)
+        position_ids[:, b, P - n:] = mrope_positions(types, clip, config.vision_config.tokens_per_second)
     next_pos = position_ids.amax(dim=(0, 2)) + 1
     to = lambda x: x.to(device)
     return PromptBatch(to(input_ids), to(attention_mask), to(mm_types), to(position_ids), to(next_pos), clips, row_clip)
 
 def embed_prompts(model, batch):
-    """Token embeddings with the features of each distinct clip, from one vision tower call for all, scattered into
-    every row that shows it. Indexing the shared features per row lets autograd sum the rows' gradients into one
-    encoding: the same gradients as if each row had encoded its own copy, at 1/rows the vision cost."""
+    """Token embeddings with each distinct clip encoded once (one vision tower call) and scattered into every row that
+    shows it: autograd sums the rows' gradients into that encoding, as if each row had its own, at 1/rows the cost."""
     embeds = unwrap(model).model.get_input_embeddings()(batch.input_ids)
     clips = {c: batch.clips[c] for c in sorted(set(batch.row_clip) - {None})}
     if not clips:
@@ -136,27 +133,31 @@ def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
     return lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
               use_cache=cache is not None).last_hidden_state
 
+def autocast(device):
+    """The one precision regime of every log-prob pass (policy, old policy, reference, SFT): bf16 autocast on GPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
 def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8):
     """(B, T) log-probs of each completion token given its prompt, in one forward over prompt + completion. The head
     and log-softmax run on `slices` slices of the tokens (8 rows x 768 at paper scale: a row each), recomputed in
     backward, so vocab-wide fp32 logits exist for one at a time; a fixed count: under ZeRO-3 each is a collective."""
     B, T = completion_ids.shape
     inner = unwrap(model)
-    embeds = torch.cat([embed_prompts(model, batch), inner.model.get_input_embeddings()(completion_ids)], dim=1)
-    completion_pos = (batch.next_pos[:, None] + torch.arange(T, device=completion_ids.device)).expand(3, B, T)
-    positions = torch.cat([batch.position_ids, completion_pos], dim=2)                    # (3, B, P+T)
-    mask = torch.cat([batch.attention_mask, completion_mask.long()], dim=1)
-    hidden = hidden_states(model, embeds, positions, mask)[:, -T - 1:-1].reshape(B * T, -1)  # b*T + t predicts t
 
     def logprobs(h, ids):  # (n, D), (n,) -> (n,)
         logits = inner.lm_head(h).float()
         return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    pieces = zip(hidden.tensor_split(slices), completion_ids.flatten().tensor_split(slices))
-    # no metadata check of recomputed tensors: ZeRO-3 frees a frozen (LoRA) head weight again once it is used
-    return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False, determinism_check="none")
-                      for h, ids in pieces]).view(B, T)
+    with autocast(completion_ids.device):
+        embeds = torch.cat([embed_prompts(model, batch), inner.model.get_input_embeddings()(completion_ids)], dim=1)
+        completion_pos = (batch.next_pos[:, None] + torch.arange(T, device=completion_ids.device)).expand(3, B, T)
+        positions = torch.cat([batch.position_ids, completion_pos], dim=2)                    # (3, B, P+T)
+        mask = torch.cat([batch.attention_mask, completion_mask.long()], dim=1)
+        hidden = hidden_states(model, embeds, positions, mask)[:, -T - 1:-1].reshape(B * T, -1)  # b*T + t predicts t
+        pieces = zip(hidden.tensor_split(slices), completion_ids.flatten().tensor_split(slices))
+        # no metadata check of recomputed tensors: ZeRO-3 frees a frozen (LoRA) head weight again once it is used
+        return torch.cat([checkpoint(logprobs, h, ids, use_reentrant=False, determinism_check="none")
+                          for h, ids in pieces]).view(B, T)
 
-# ----------------------------------------------------------------------------- generation with a KV cache
 def sample_token(logits, temperature, top_p, generator):
     """temperature 0 is greedy; otherwise nucleus sampling from the smallest set of tokens with mass >= top_p."""
     if temperature == 0:

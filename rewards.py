@@ -103,8 +103,7 @@ def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None
     semantics"). Contrast responses only measure p~; images have none, so calling this without them is an error."""
     if len(ordered_acc) == 0 or len(contrast_acc) == 0:   # len(): also works for numpy arrays
         raise ValueError("temporal_bonus needs non-empty ordered and contrast groups (images have no temporal reward)")
-    _, _, default_mu = _rule(rule)
-    mu = default_mu if mu is None else mu
+    mu = _rule(rule)[2] if mu is None else mu  # an unknown rule raises in is_correct below
     correct = [is_correct(a, threshold, rule) for a in ordered_acc]
     if rule == "paper":
         p = sum(correct) / len(ordered_acc)
@@ -122,8 +121,7 @@ def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
         raise ValueError(f"non-finite reward in {rewards!r}")
     if r.size < 2 or np.all(r == r[0]):
         return np.zeros_like(r)
-    # Work on r / max|r| (when > 1) so huge finite rewards cannot overflow the mean or std; the ratio is
-    # unchanged because numerator and denominator (eps included) are scaled alike.
+    # on r / max|r| (when > 1) huge finite rewards cannot overflow mean or std; eps scales alike: A is unchanged
     c = max(1.0, float(np.max(np.abs(r))))
     x = r / c
     if not scale:
@@ -131,10 +129,9 @@ def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
     return (x - x.mean()) / (x.std(ddof=1) + eps / c)
 
 def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
-    """Advantages of one group of ordered responses and the mean |A - A without the bonus| the bonus made.
-    base_rewards: accuracy + format (+ length) per response; bonus: temporal_bonus's per-response bonus.
-    bonus_to="reward" (paper eq. 2-3): A = norm(base + bonus); "advantage" (the paper's alternative): A = norm(base)
-    + bonus. Why "reward" changes A by ~0 in most groups: README, "Does T-GRPO teach temporal reasoning?"."""
+    """A of one group of ordered responses, and the mean |A - A without the bonus|. base_rewards: accuracy + format
+    (+ length); bonus: temporal_bonus's. bonus_to="reward" (eq. 2-3): A = norm(base + bonus); "advantage" (the paper's
+    alternative): norm(base) + bonus. Why "reward" moves A by ~0: README, "Does T-GRPO teach temporal reasoning?"."""
     if bonus_to not in BONUS_TO:
         raise ValueError(f"unknown bonus_to {bonus_to!r}; expected one of {BONUS_TO}")
     base, b = np.asarray(base_rewards, dtype=np.float64), np.asarray(bonus, dtype=np.float64)

@@ -7,7 +7,6 @@
 Departures from the official code (loss on the answer tokens only, the real fps in the temporal positions, images
 and videos mixed in any batch size): DETAILS.md, "Paper vs official code".
 """
-import math
 import os
 import sys
 import time
@@ -74,9 +73,8 @@ def make_batch(model, records, tokenizer, device):
     targets = [t[:max_target_tokens] for t in targets]
     ids = pad_sequence(targets, batch_first=True, padding_value=tokenizer.pad_token_id)
     mask = pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)
-    tps = M.unwrap(model).config.vision_config.tokens_per_second
     prompts, clips = [prompt for _, prompt, _, _ in examples], [clip for _, _, clip, _ in examples]
-    batch = M.collate_prompts(prompts, clips, list(range(len(clips))), tokenizer.pad_token_id, tps, device)
+    batch = M.collate_prompts(prompts, clips, tokenizer.pad_token_id, M.unwrap(model).config, device)
     return batch, ids.to(device), mask.to(device), skipped, truncated
 
 def sft_loss(model, batch, target_ids, target_mask):
@@ -90,8 +88,7 @@ def validation_loss(model, val, tokenizer, device):
     for start in range(C.RANK * batch_size, len(val), batch_size * C.WORLD):
         batch, ids, mask, skipped, _ = make_batch(model, val[start:start + batch_size], tokenizer, device)
         totals[2] += skipped
-        with C.autocast(device):
-            totals[:2] += torch.stack([-(M.completion_logprobs(model, batch, ids, mask) * mask).sum(), mask.sum()])
+        totals[:2] += torch.stack([-(M.completion_logprobs(model, batch, ids, mask) * mask).sum(), mask.sum()])
     if C.WORLD > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[1]).item(), int(totals[2])
@@ -124,8 +121,7 @@ if __name__ == "__main__":
             records_now = data.epoch_slice(train, position, batch_size, seed)
             batch, ids, mask, n_skip, n_trunc = make_batch(model, records_now, tokenizer, device)
             skipped, truncated = skipped + n_skip, truncated + n_trunc
-            with C.autocast(device):
-                loss = sft_loss(model, batch, ids, mask)
+            loss = sft_loss(model, batch, ids, mask)
             opt.backward(loss / grad_accum, last=micro == grad_accum - 1)
             losses += [loss.item()] if mask.any() else []
             tokens += int(mask.sum())
@@ -133,7 +129,7 @@ if __name__ == "__main__":
         counts = {"target_tokens": tokens, "skipped": skipped, "truncated": truncated}
         counts = {k: round(n) for k, n in C.mean_over_ranks(counts, device, sums=counts).items()}  # sums over ranks
         skipped_total += counts["skipped"]
-        metrics = {"step": step + 1, "loss": float(np.mean(losses)) if losses else math.nan, "lr": lr_now,
+        metrics = {"step": step + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr_now,
                    "grad_norm": grad_norm, **counts, "skipped_at_load": bad, "step_time": time.time() - t0}
         if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
             model.eval()

@@ -136,9 +136,9 @@ def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path)
                                "--max_prompt_tokens=1024")
     assert summary["samples"] == 6 and summary["failed"] == 2
     missing, long = summary["failures"]
-    assert missing["index"] == bad and f"{bench} record {bad}: " in missing["reason"]
-    assert "missing.mp4" in missing["reason"] and "not found" in missing["reason"]
-    assert long["index"] == bad + 1 and "tokens exceeds max_prompt_tokens=1024" in long["reason"]
+    assert missing["index"] == bad and f"{bench} record {bad}: " in missing["failed"]
+    assert "missing.mp4" in missing["failed"] and "not found" in missing["failed"]
+    assert long["index"] == bad + 1 and "tokens exceeds max_prompt_tokens=1024" in long["failed"]
     results = results_by_key(tmp_path / "out")
     answered = [r for k, r in results.items() if k[1] not in (bad, bad + 1)]
     assert all(r["response"] is not None and r["failed"] is None for r in answered)

@@ -10,9 +10,9 @@ from conftest import random_clip, encode_text
 TPS = 2  # tokens_per_second of the tiny config, as in the 7B checkpoint
 
 
-def batch_of(tok, rows, clips, row_clip):
+def batch_of(net, tok, rows, clips, row_clip):
     encoded = [encode_text(tok, text, clips[c] if c is not None else None) for text, c in zip(rows, row_clip)]
-    return M.collate_prompts(encoded, clips, row_clip, tok.pad_token_id, TPS)
+    return M.collate_prompts(encoded, clips, tok.pad_token_id, net.config, row_clip=row_clip)
 
 
 def test_video_positions_follow_the_checkpoint_rule_not_transformers_5(tiny):
@@ -47,7 +47,7 @@ def test_missing_mm_token_type_ids_changes_the_output(tiny):
     net, tok, _ = tiny
     clip = random_clip(1, 56, 112, is_video=False)
     ids, types = encode_text(tok, "what colour is the square?", clip)
-    batch = M.collate_prompts([(ids, types)], [clip], [0], tok.pad_token_id, TPS)
+    batch = M.collate_prompts([(ids, types)], [clip], tok.pad_token_id, net.config)
     kwargs = dict(input_ids=batch.input_ids, pixel_values=clip.pixel_values,
                   image_grid_thw=torch.tensor([clip.grid_thw]))
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_vision_once_equals_pixels_repeated_per_row(tiny):
     net.zero_grad()
     clips = [random_clip(4, 56, 56, seed=1), random_clip(4, 56, 56, seed=2)]
     row_clip = [0, 0, 0, 1, 1]  # three rows share the ordered clip, two the shuffled one
-    batch = batch_of(tok, ["red", "red square", "blue", "red", "it moves right"], clips, row_clip)
+    batch = batch_of(net, tok, ["red", "red square", "blue", "red", "it moves right"], clips, row_clip)
     completion = torch.randint(10, 200, (5, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(5, 6, dtype=torch.long)
     mask[1, 4:] = 0
@@ -95,7 +95,7 @@ def test_greedy_generation_equals_model_generate(tiny):
     clips = [random_clip(1, 56, 84, is_video=False, seed=3), random_clip(1, 112, 56, is_video=False, seed=4)]
     row_clip = [0, 1, None, 0]
     texts = ["what colour?", "what shape is the object in the picture?", "hello", "the red square"]
-    batch = batch_of(tok, texts, clips, row_clip)
+    batch = batch_of(net, tok, texts, clips, row_clip)
     ours, mask = M.generate(net, batch, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
     image_rows = [c for c in row_clip if c is not None]
     ref = net.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=batch.mm_types,
@@ -112,7 +112,7 @@ def test_video_generation_equals_naive_loop_without_cache(tiny):
     clips = [random_clip(4, 56, 56, second_per_grid=1.0, seed=5), random_clip(2, 56, 112, second_per_grid=0.5, seed=6)]
     row_clip = [0, 1, 0]
     texts = ["which way does it move?", "red", "what appears first, the red or the blue square?"]
-    batch = batch_of(tok, texts, clips, row_clip)
+    batch = batch_of(net, tok, texts, clips, row_clip)
     ours, mask = M.generate(net, batch, 8, [tok.eos_token_id], tok.pad_token_id, temperature=0)
     ids, attn, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     embed = net.model.get_input_embeddings()
@@ -130,7 +130,7 @@ def test_video_generation_equals_naive_loop_without_cache(tiny):
 def test_sampling_is_seeded_and_respects_top_p(tiny):
     net, tok, _ = tiny
     clip = random_clip(2, 56, 56)
-    batch = batch_of(tok, ["red", "blue"], [clip], [0, 0])
+    batch = batch_of(net, tok, ["red", "blue"], [clip], [0, 0])
     run = lambda seed: M.generate(net, batch, 6, [tok.eos_token_id], tok.pad_token_id, temperature=1.0,
                                   generator=torch.Generator().manual_seed(seed))[0]
     assert torch.equal(run(1), run(1))
@@ -161,8 +161,8 @@ def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab):
     net, config = real_vocab, real_vocab.config
     clip = random_clip(2, 56, 56, seed=7)
     ids = [config.vision_start_token_id] + [config.video_token_id] * clip.num_tokens + [config.vision_end_token_id]
-    batch = M.collate_prompts([(ids + [100, 200], [0] + [2] * clip.num_tokens + [0, 0, 0])] * 3, [clip], [0] * 3,
-                              0, 2)
+    batch = M.collate_prompts([(ids + [100, 200], [0] + [2] * clip.num_tokens + [0, 0, 0])] * 3, [clip], 0, config,
+                              row_clip=[0] * 3)
     completion = torch.tensor([[151645, 5, 152063, 151643], [7, 151656, 9, 0], [1, 2, 3, 4]])  # special ids too
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
     whole, whole_grads = logprobs_and_grads(net, batch, completion, mask, slices=1)

@@ -245,7 +245,7 @@ def test_two_process_deepspeed_runs_stay_in_sync(rl_ready, tmp_path, zero):
 def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
     """Under bf16 autocast (CPU here, as on a GPU), before any update the KL to an identical reference is exactly 0
     and the ratio exactly 1: all three log-prob passes run in the same regime."""
-    monkeypatch.setattr(tgrpo.C, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
+    monkeypatch.setattr(M, "autocast", lambda device: torch.autocast("cpu", torch.bfloat16))
     monkeypatch.setattr(tgrpo, "num_iterations", 2)
     monkeypatch.setattr(tgrpo, "beta", 0.04)
     monkeypatch.setattr(tgrpo, "max_new_tokens", 6)
@@ -254,7 +254,7 @@ def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
     opt = tgrpo.C.Optimizer(policy, 0.0, 0.0, 1.0)  # lr 0: the weights stay, so both updates start at pi_old
     _, rows, batch, ids, mask, _ = tgrpo.rollout(policy, records, tok, 0, "cpu")
     sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
-    stats = tgrpo.train_step(opt, policy, ref, sub, sub_ids, sub_mask, torch.randn(len(keep)), 0.0, "cpu")
+    stats = tgrpo.train_step(opt, policy, ref, sub, sub_ids, sub_mask, torch.randn(len(keep)), 0.0)
     assert stats["kl"] == 0.0 and stats["clip_fraction"] == 0.0
 
 
@@ -279,7 +279,7 @@ def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
     for name in ("lora_1gpu", "lora_multi", "lora_3b"):  # each on top of the paper config
         config = tgrpo.C.configure(dict(vars(tgrpo)), ["configs/tgrpo_paper.py", f"configs/tgrpo_{name}.py"])
         assert config["lora_rank"] == 64 and config["out_dir"] == f"out/tgrpo_{name}" and M.lora_config(config)
-    for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--contrast=rotate", "--loss_norm=x"):
+    for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--bonus_to=x", "--loss_norm=x"):
         result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
                                 capture_output=True, text=True)
         assert result.returncode != 0 and bad[2:].split("=")[0] in result.stderr.splitlines()[-1], result.stderr[-500:]
@@ -378,7 +378,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(toy, monk
     opt = C.Optimizer(net, 1e-2, 0.01, 5.0)
     advantages = torch.randn(len(ids), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        tgrpo.train_step(opt, net.train(), net, batch, ids, mask, advantages, 1e-2, "cpu")
+        tgrpo.train_step(opt, net.train(), net, batch, ids, mask, advantages, 1e-2)
     trained = {k for k, v in net.state_dict().items() if not torch.equal(v, start[k])}
     assert {k for k in trained if ".lora_B." in k} and {k for k in trained if ".modules_to_save." in k}
     assert all(".lora_" in k or ".modules_to_save." in k for k in trained)  # every base weight bit-identical

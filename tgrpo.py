@@ -13,7 +13,7 @@ One step, per prompt q of the batch (images and videos mixed):
   R_i  = r_i + r_t if o_i is correct else r_i                                                          (eq. 2)
   A_i  = (R_i - mean R) / (std R + eps) over the G ordered responses                                   (eq. 3)
   J    = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) - beta * KL_k3(pi || pi_ref) ]  (eq. 4)
-Contrast (shuffled or reversed) responses only measure p~; they never enter the loss.
+Contrast (shuffled) responses only measure p~; they never enter the loss.
 
 Departures, each a config value or fixed, with the official code's choices: DETAILS.md, "Paper vs official code".
 Eq. 4 runs per token, as GRPO/TRL and the official code do: the paper's one ratio per sequence, a product of
@@ -45,7 +45,6 @@ num_generations = 8                  # G: ordered rollouts per prompt (paper: 8)
 num_contrast = 4                     # G~: contrast rollouts per video prompt (paper: G/2); 0: none
 temporal = True                      # False: plain GRPO, no temporal reward (the contrast rollouts still measure p~)
 temporal_rule = "paper"              # "paper" or "official" (rewards.temporal_bonus)
-contrast = "shuffle"                 # how the contrast clip is built: "shuffle" or "reverse"
 alpha = 0.3                          # temporal reward (eq. 1)
 mu = 1.0                             # p >= mu * p~ (paper 1.0, official 0.8)
 correct_threshold = 0.5              # accuracy counted as correct, by both bonuses (paper >= 0.5, official > 0.1)
@@ -90,16 +89,15 @@ lora_merger = False                  # LoRA: also train the vision merger (the v
 deepspeed = ""                       # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
 config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(
-    temporal_rule=tuple(rewards.RULES), length_rule=tuple(rewards.RULES), contrast=data.CONTRASTS,
-    bonus_to=rewards.BONUS_TO, loss_norm=("sequence", "token"), attn=M.ATTENTION, batch_size=range(1, 2**16),
-    num_generations=range(2, 2**16)))
+    temporal_rule=tuple(rewards.RULES), length_rule=tuple(rewards.RULES), bonus_to=rewards.BONUS_TO,
+    loss_norm=("sequence", "token"), attn=M.ATTENTION, batch_size=range(1, 2**16), num_generations=range(2, 2**16)))
 KL_LOG_RATIO_CLAMP = 10.0            # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
 
 def rollout(policy, records, tokenizer, step, device):
     """Generate G ordered rollouts per prompt and G~ contrast ones per video prompt, in one batched call.
     Returns the examples kept, the rows (prompt index, is_contrast), the prompt batch and the completions."""
     rng = np.random.default_rng([seed, step, C.RANK])
-    examples, skipped = data.load_examples(records, tokenizer, config, rng if num_contrast else None, contrast)
+    examples, skipped = data.load_examples(records, tokenizer, config, rng if num_contrast else None)
     clips, encoded, row_clip, rows = [], [], [], []
     for i, (_, prompt, clip, contrast_clip) in enumerate(examples):
         for this_clip, n, is_contrast in ((clip, num_generations, False), (contrast_clip, num_contrast, True)):
@@ -110,8 +108,7 @@ def rollout(policy, records, tokenizer, step, device):
                 rows += [(i, is_contrast)] * n
     if not examples:
         return examples, rows, None, None, None, skipped
-    tps = M.unwrap(policy).config.vision_config.tokens_per_second
-    batch = M.collate_prompts(encoded, clips, row_clip, tokenizer.pad_token_id, tps, device)
+    batch = M.collate_prompts(encoded, clips, tokenizer.pad_token_id, M.unwrap(policy).config, device, row_clip)
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**C.SEED_BITS)))
     ids, mask = M.generate(policy, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
                            temperature, top_p, generator)
@@ -128,7 +125,7 @@ def score(examples, rows, texts, lengths):
                          for b, (i, _) in enumerate(rows)])
     fmt = np.array([rewards.format_reward(text) for text in texts])
     length, bonus, total, advantages = (np.zeros(len(rows)) for _ in range(4))
-    stats = {name: [] for name in ("p", "p_contrast", "bonus_granted", "advantage_change")}
+    stats = {k: [] for k in ("p", "p_contrast", "bonus_granted", "advantage_change")} | {"response_length": lengths}
     for i, (_, _, _, contrast_clip) in enumerate(examples):
         group = [b for b, row in enumerate(rows) if row == (i, False)]
         if length_bonus:
@@ -170,19 +167,15 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     return loss, {"kl": ((kl * mask).sum() / tokens).item(),
                   "clip_fraction": ((is_clipped * mask).sum() / tokens).item()}
 
-def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now, device):
-    """num_iterations updates on one set of rollouts; returns the last update's loss statistics and grad norm.
-    Policy, old policy and reference run in one precision regime, so before the first update ratio == 1 and the
-    KL to an identical reference is exactly 0."""
-    def logprobs(model):
-        with C.autocast(device):
-            return M.completion_logprobs(model, batch, ids, mask)
+def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now):
+    """num_iterations updates on one set of rollouts; returns the last one's loss statistics and grad norm. Policy,
+    old policy and reference share one precision (M.autocast): the first ratio is 1, the KL to equal weights 0."""
     with torch.no_grad():
         with M.lora_of(ref).disable_adapter() if ref is policy else contextlib.nullcontext():  # LoRA: no copy
-            ref_logp = logprobs(ref) if beta else None
-        old_logp = logprobs(policy) if num_iterations > 1 else None
+            ref_logp = M.completion_logprobs(ref, batch, ids, mask) if beta else None
+        old_logp = M.completion_logprobs(policy, batch, ids, mask) if num_iterations > 1 else None
     for _ in range(num_iterations):
-        logp = logprobs(policy)
+        logp = M.completion_logprobs(policy, batch, ids, mask)
         # one update per rollout: pi_old == pi, so the ratio is exactly 1 (value) with the policy gradient (grad)
         loss, stats = tgrpo_loss(logp, logp.detach() if old_logp is None else old_logp,
                                  logp.detach() if ref_logp is None else ref_logp, advantages, mask.float())
@@ -218,11 +211,10 @@ if __name__ == "__main__":
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
             (sub, sub_ids, sub_mask), advantages = C.placeholder_batch(policy, device), torch.zeros(1, device=device)
-        update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now, device)
+        update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now)
         update = {k: v if examples or k == "grad_norm" else math.nan for k, v in update.items()}
         local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
-        local |= {"response_length": float(np.mean(lengths)) if lengths else math.nan, **update,
-                  "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
+        local |= {**update, "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
         metrics = {"step": step + 1, **C.mean_over_ranks(local, device, sums=("skipped", "rollout_tokens_per_s")),
                    "lr": lr_now, "step_time": time.time() - t0, "skipped_at_load": bad}
         skipped_total += metrics["skipped"]
