@@ -7,7 +7,7 @@ answers each video question on its frames shuffled: a model that uses frame orde
     torchrun --nproc_per_node 8 eval.py --model_path=ckpt --data=eval_vsibench.json,eval_mvbench.json --max_frames=32
 
 Answers are appended to out_dir/results.rank{R}.jsonl batch by batch: a killed run restarts where it stopped. No
-skip_bad: a sample whose media, prompt length or batch memory fail scores 0, with its reason; a bad field stops it.
+skip_bad: a sample whose media, prompt length or batch memory fail scores 0, with its reason; a bad field stops the run.
 """
 import glob
 import json

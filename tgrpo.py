@@ -21,7 +21,6 @@ hundreds, would saturate the clip on long responses. With 0/1 accuracies and one
 division cancels the bonus (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
 """
 import contextlib
-import math
 import os
 import sys
 import time
@@ -212,8 +211,8 @@ if __name__ == "__main__":
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
             (sub, sub_ids, sub_mask), advantages = C.placeholder_batch(policy, device), torch.zeros(1, device=device)
         update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now)
-        update = {k: v if examples or k == "grad_norm" else math.nan for k, v in update.items()}
-        local = {k: float(np.mean(v)) if len(v) else math.nan for k, v in stats.items()}
+        update = {k: v if examples or k == "grad_norm" else float("nan") for k, v in update.items()}
+        local = {k: float(np.mean(v)) if len(v) else float("nan") for k, v in stats.items()}
         local |= {**update, "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
         metrics = {"step": step + 1, **C.mean_over_ranks(local, device, sums=("skipped", "rollout_tokens_per_s")),
                    "lr": lr_now, "step_time": time.time() - t0, "skipped_at_load": bad}
