@@ -285,6 +285,11 @@ def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
     C.save_checkpoint(str(tmp_path), 1, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
+    before = os.stat(tmp_path / "step_000001" / "model.safetensors").st_ino
+    C.save_checkpoint(str(tmp_path), 1, tok, opt, {})  # step 1 written again: replaced whole, no .old or .tmp left
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
+    assert os.stat(tmp_path / "step_000001" / "model.safetensors").st_ino != before
+    assert C.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")
 
 
 def test_threads_fix_the_cpu_thread_count():
