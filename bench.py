@@ -19,6 +19,7 @@ from peft import get_peft_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 import common as C
 import data
+import lifecycle
 import model as M
 import tgrpo
 
@@ -96,7 +97,7 @@ def memory_peak(lora):
     config, G = config_7b(True), num_generations
     torch.manual_seed(0)
     net = Qwen2_5_VLForConditionalGeneration._from_config(config)
-    net = get_peft_model(net, M.lora_config(dict(tgrpo.config, lora_rank=16))) if lora else net
+    net = get_peft_model(net, lifecycle.lora_config(dict(tgrpo.config, lora_rank=16))) if lora else net
     ref = net if lora else copy.deepcopy(net)  # LoRA: the policy, its adapters off (train_step)
     batch = prompt_batch(config, "cpu")
     ids, mask = M.generate(net.eval(), batch, new_tokens, [], 0, generator=torch.Generator().manual_seed(0))
@@ -117,7 +118,7 @@ if __name__ == "__main__":
             net = Qwen2_5_VLForConditionalGeneration._from_config(config_7b(random_7b == "small"), dtype=torch.bfloat16
                                                                   if device == "cuda" else torch.float32)
     else:
-        net = M.load_model(model_path, device)[0]
+        net = lifecycle.load_model(model_path, device)[0]
     batch, G = prompt_batch(net.config, device), num_generations
     sub, pads = batch.select(range(G)), [net.config.video_token_id, net.config.image_token_id]  # not media if sampled
     text = sum(p.numel() for n, p in net.named_parameters() if "visual" not in n and "embed_tokens" not in n)

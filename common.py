@@ -10,12 +10,9 @@ import shutil
 import sys
 import torch
 import torch.distributed as dist
-import data
-from model import collate_prompts, load_model, lora_config, lora_of, unwrap
 
 SEED_BITS = 62  # a torch.Generator seed drawn from a numpy stream: 62 bits stay clear of int64's sign
 ATTN = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"  # the scripts' attention default
-ADAPTER = "adapter"  # a LoRA checkpoint's subfolder holding the adapter in peft's format
 
 # ----------------------------------------------------------------------------- configurator (nanoGPT's, strict)
 def configure(namespace, argv, choices=None):
@@ -145,15 +142,6 @@ class Optimizer:
         self.opt.zero_grad(set_to_none=True)
         return norm.item()
 
-def placeholder_batch(model, device):
-    """(batch, ids, mask) for a rank whose records all failed: a 1-token video, 1 masked-out completion token. Zero
-    loss and gradients, yet every module runs as on data: the rank's ZeRO collectives stay in step."""
-    c = unwrap(model).config
-    clip = data.Clip(torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2), (1, 2, 2), True, 1.0)
-    prompt = ([c.vision_start_token_id, c.video_token_id, c.vision_end_token_id], [0, 2, 0])
-    return (collate_prompts([prompt], [clip], 0, c, device),
-            *torch.zeros(2, 1, 1, dtype=torch.long, device=device))
-
 def cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
     if step < warmup_steps:
@@ -172,40 +160,10 @@ def generation_phase(model):
         return unwrap_model_for_generation(model)
     return contextlib.nullcontext()
 
-def start_training(config, init, device):
-    """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer and first step: from `init`,
-    or resumed from out_dir's latest checkpoint (LoRA: its adapter, on the base it started from). bf16 weights on GPU
-    where DeepSpeed keeps fp32 masters or LoRA freezes the base, else fp32 trained under bf16 autocast."""
-    ckpt = latest_checkpoint(config["out_dir"]) if config["resume"] else None
-    if config["resume"] and not ckpt:
-        print0(f"WARNING: resume=True but {config['out_dir']} holds no checkpoint: starting at step 0")
-    dtype = torch.bfloat16 if "cuda" in device and (config["deepspeed"] or config["lora_rank"]) else torch.float32
-    path = os.path.join(ckpt, ADAPTER) if ckpt and config["lora_rank"] else ckpt or init
-    model, tokenizer = load_model(path, device, config["grad_ckpt"], config["attn"], dtype, lora_config(config))
-    opt = Optimizer(model, *map(config.get, ("lr", "weight_decay", "grad_clip")), deepspeed_config=config["deepspeed"])
-    if not ckpt:
-        return opt.model, tokenizer, opt, 0
-    if opt.engine:  # LoRA: DeepSpeed's files hold no frozen base (save_checkpoint), so load them non-strict
-        opt.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=lora_of(opt.model) is None)
-    else:
-        opt.opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
-    with open(os.path.join(ckpt, "run.json")) as f:
-        return opt.model, tokenizer, opt, json.load(f)["step"]
-
-def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
-    """Full fine-tuning's KL reference: a frozen copy of the starting policy on its device, in its dtype. Under ZeRO-3
-    it is partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2 each GPU holds it."""
-    weight = next(unwrap(policy).parameters())
-    ref = load_model(path, weight.device, attn=attn, dtype=weight.dtype)[0].requires_grad_(False).eval()
-    if is_zero3(policy):
-        import deepspeed
-        ref = deepspeed.initialize(model=ref, config=read_deepspeed_config(deepspeed_config))[0]
-    return ref
-
 # ----------------------------------------------------------------------------- checkpoints, atomic
-def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
-    """Write out_dir/step_N (HF weights, LoRA: merged, and the adapter in step_N/adapter; optimizer or DeepSpeed state;
-    run.json) under a temporary name, renamed into place before `latest` is replaced: a kill at any moment leaves the
+def save_checkpoint(out_dir, step, optimizer, config, write_model):
+    """Write out_dir/step_N (the model's files by write_model(folder, state_dict) on rank 0; optimizer or DeepSpeed
+    state; run.json) under a temporary name, renamed into place before `latest` is replaced: a kill at any moment leaves the
     last good checkpoint whole. No RNG state: all randomness comes from generators seeded by (seed, step, rank).
     Beyond the newest keep_checkpoints (0: all stay), a checkpoint keeps its HF weights only (keep_weights) or goes."""
     keep, keep_weights = config.get("keep_checkpoints", 0), config.get("keep_weights", True)
@@ -223,11 +181,7 @@ def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
             if is_zero3(optimizer.model):  # all ranks take part
                 state_dict = optimizer.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
         if RANK == 0:
-            if lora := lora_of(optimizer.model):  # the adapter, and the weights merged as eval.py merges them
-                lora.save_pretrained(os.path.join(tmp, ADAPTER), state_dict=state_dict)
-                state_dict = load_model(f"{tmp}/{ADAPTER}", "cpu", dtype=next(lora.parameters()).dtype)[0].state_dict()
-            unwrap(optimizer.model).save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
+            write_model(tmp, state_dict)  # the model's files (lifecycle.write_model)
             if not optimizer.engine:
                 torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
             write_atomic(os.path.join(tmp, "run.json"), json.dumps({"step": step, "config": config}, indent=1))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import pytest
 import torch
+import lifecycle
 import model
 import synthetic
 
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory):
     """The tiny Qwen2.5-VL, written with save_pretrained and loaded back through the checkpoint path."""
     path = str(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
     synthetic.ensure_tiny_model(path, CORPUS * 4)
-    net, tok = model.load_model(path, "cpu")
+    net, tok = lifecycle.load_model(path, "cpu")
     return net.eval(), tok, path
 
 
@@ -70,17 +71,17 @@ RANK_1_CLIPS_FAIL = ON_RANK_1 + ("import data\n    def fail(record, **limits):\n
 # ZeRO-3, whose ranks hold different partitions). The scripts keep them equal by construction (one averaged
 # gradient, one optimizer step): this checks the construction from outside, so the scripts carry no check of it.
 SAME_WEIGHTS_ON_RANKS = """
-import common, torch
+import common, lifecycle, model, torch
 def weights_checked(save):
     def checked(out_dir, step, tokenizer, optimizer, config):
         if not common.is_zero3(optimizer.model):
-            w = torch.cat([p.detach().double().flatten() for p in common.unwrap(optimizer.model).parameters()])
+            w = torch.cat([p.detach().double().flatten() for p in model.unwrap(optimizer.model).parameters()])
             gathered = [torch.zeros_like(w) for _ in range(common.WORLD)]
             torch.distributed.all_gather(gathered, w)
             assert all(torch.equal(g, gathered[0]) for g in gathered), f"ranks out of sync at step {step}"
         return save(out_dir, step, tokenizer, optimizer, config)
     return checked
-common.save_checkpoint = weights_checked(common.save_checkpoint)
+lifecycle.save_checkpoint = weights_checked(lifecycle.save_checkpoint)
 """
 
 

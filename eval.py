@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 import common as C
 import data as D
+import lifecycle
 import model as M
 import rewards
 
@@ -190,7 +191,7 @@ if __name__ == "__main__":
              for record in D.load_records(path, media_root or None)[0]
              for twin in ((False, True) if shuffled and record["data_type"] == "video" else (False,))]
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
-    model, tokenizer = M.load_model(checkpoint, device, attn=attn)  # before run.json: a wrong path must not stick
+    model, tokenizer = lifecycle.load_model(checkpoint, device, attn=attn)  # before run.json: a wrong path must not stick
     model.eval()
     settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
     # resume only a run of the same settings, so answers of another checkpoint or frame count never mix in

@@ -1,49 +1,15 @@
-"""The forward pass of Qwen2.5-VL as the scripts use it: loading a checkpoint folder, M-RoPE positions by hand,
-prompt batches, the vision tower run once per distinct clip, KV-cache generation and per-token log-probs."""
-import os
+"""The forward pass of Qwen2.5-VL as the scripts use it: M-RoPE positions by hand, prompt batches, the vision
+tower run once per distinct clip, KV-cache generation and per-token log-probs. Loading and saving a model:
+lifecycle.py."""
 from dataclasses import dataclass
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import DynamicCache
 
 transformers.utils.logging.disable_progress_bar()  # one line per step is the log; no bars
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels the scripts' `attn` may name
-
-def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None):
-    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code. `lora` (a
-    LoraConfig) adds fresh adapters; an adapter folder loads on the (absolute) base folder its adapter_config.json
-    names: merged, or trainable when `lora` is given and matches it (a LoRA run resuming)."""
-    adapter = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
-    path = os.path.abspath(LoraConfig.from_pretrained(adapter).base_model_name_or_path if adapter else path)
-    if not os.path.isfile(os.path.join(path, "config.json")):  # else transformers would ask the hub for it by name
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json; models load from local folders)")
-    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                               trust_remote_code=False).to(device)
-    if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=lora is not None)
-        keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
-        if lora and [getattr(model.peft_config["default"], k) for k in keys] != [getattr(lora, k) for k in keys]:
-            raise ValueError(f"{adapter} was trained with other lora_* settings than this run's")
-        model = model if lora else model.merge_and_unload()
-    elif lora:
-        model = get_peft_model(model, lora)
-        if missing := lora.target_modules - {name.rsplit(".", 1)[1] for name in model.targeted_module_names}:
-            raise ValueError(f"lora_targets {sorted(missing)} match no module of the language model")
-    for p in [p for p in model.parameters() if lora and p.requires_grad]:  # on a bf16 base too (peft: adapters only)
-        p.data = p.data.float()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-
-def lora_config(config):
-    """peft's LoraConfig from a script's lora_* values (None: full fine-tuning). Targets match in the language model
-    only (the vision tower has an mlp.gate_proj too); lora_merger trains a copy of the merger (modules_to_save)."""
-    return LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                      target_modules=config["lora_targets"].split(","), exclude_modules=r"(?!model\.language_model).*",
-                      modules_to_save=["merger"] if config["lora_merger"] else None) if config["lora_rank"] else None
 
 def stop_ids(tokenizer):
     """A turn ends at <|im_end|>; Qwen2.5-VL-Instruct's generation config also stops at <|endoftext|>."""

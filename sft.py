@@ -15,6 +15,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 import common as C
 import data
+import lifecycle
 import model as M
 import synthetic
 
@@ -66,7 +67,7 @@ def make_batch(model, records, tokenizer, device):
     skipped and counted under skip_bad. Returns (batch, target ids, target mask, skipped, truncated)."""
     examples, skipped = data.load_examples(records, tokenizer, config)
     if not examples:  # every record failed: a placeholder row keeps this rank's collectives in step, at zero loss
-        return *C.placeholder_batch(model, device), skipped, 0
+        return *lifecycle.placeholder_batch(model, device), skipped, 0
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     targets = [torch.tensor(data.encode_plain(tokenizer, data.sft_target(r)) + [end]) for r, *_ in examples]
     truncated = sum(len(t) > max_target_tokens for t in targets)
@@ -107,7 +108,7 @@ if __name__ == "__main__":
     if len(records) <= val_records:
         raise data.DataError(f"{path}: {len(records)} usable records, too few to hold out val_records={val_records}")
     train, val = records[:-val_records], records[-val_records:]
-    model, tokenizer, opt, start = C.start_training(config, model_path, device)
+    model, tokenizer, opt, start = lifecycle.start_training(config, model_path, device)
     C.print0(f"{len(train)} train / {len(val)} val records ({bad} bad skipped), "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, start at step {start}")
     log = C.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
@@ -137,6 +138,6 @@ if __name__ == "__main__":
             model.train()
         C.log_metrics(log, metrics, (step + 1) % log_interval == 0 or "val_loss" in metrics)
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
+            C.print0("checkpoint:", lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total} examples in steps")
     C.finish()

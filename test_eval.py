@@ -6,6 +6,7 @@ import subprocess
 import sys
 import pytest
 import torch
+import lifecycle
 import data
 import eval as E
 import model as M
@@ -155,7 +156,7 @@ def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path)
 
 def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):
     data_dir, model_path = toy
-    net, tok = M.load_model(model_path, "cpu")
+    net, tok = lifecycle.load_model(model_path, "cpu")
     records = data.load_records(os.path.join(data_dir, "eval.json"))[0][:3]
     items = [(("b", r["index"], False), r) for r in records]
     for err in [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
@@ -201,13 +202,13 @@ def test_a_lora_adapter_folder_answers_as_its_merged_checkpoint(toy, tmp_path):
     import common as C
     data_dir, model_path = toy
     lora = dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets="q_proj,v_proj,down_proj", lora_merger=False)
-    net, tok = M.load_model(model_path, "cpu", lora=M.lora_config(lora))
+    net, tok = lifecycle.load_model(model_path, "cpu", lora=lifecycle.lora_config(lora))
     g = torch.Generator().manual_seed(0)
     for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapter do something
         p.data += 0.5 * torch.randn(p.shape, generator=g)
-    step = C.save_checkpoint(str(tmp_path / "run"), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora)
+    step = lifecycle.save_checkpoint(str(tmp_path / "run"), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora)
     answers = {}
-    for name, path in (("adapter", os.path.join(step, C.ADAPTER)), ("merged", step), ("base", model_path)):
+    for name, path in (("adapter", os.path.join(step, lifecycle.ADAPTER)), ("merged", step), ("base", model_path)):
         summary, _ = run_eval((data_dir, path), tmp_path / name)
         assert summary["settings"]["checkpoint"] == path
         answers[name] = {k: r["response"] for k, r in results_by_key(tmp_path / name).items()}

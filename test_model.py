@@ -1,5 +1,6 @@
 """model.py on the tiny Qwen2.5-VL: positions, vision once, hand-written generation, log-probs."""
 import torch
+import lifecycle
 import pytest
 from transformers import Qwen2_5_VLForConditionalGeneration
 import bench
@@ -181,7 +182,7 @@ def test_placeholder_batch_runs_every_module_at_zero_gradient(real_vocab):
     """What a rank whose records all failed trains on: the vision tower and every layer run forward and backward
     (under ZeRO each is a collective the other ranks wait for), the loss and every gradient exactly 0."""
     net = real_vocab
-    batch, completion, mask = C.placeholder_batch(net, "cpu")
+    batch, completion, mask = lifecycle.placeholder_batch(net, "cpu")
     logp, grads = logprobs_and_grads(net, batch, completion, mask)
     assert torch.isfinite(logp).all() and (logp * mask).sum() == 0
     assert len(grads) == len(list(net.parameters())) and all(not g.any() for g in grads.values())

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import lifecycle
 from safetensors.torch import load_file
 import data
 import common as C
@@ -19,7 +20,7 @@ from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script
 def test_loss_ignores_exactly_the_prompt_positions(toy):
     """Our SFT loss equals transformers' own loss with labels -100 on every prompt (and padding) position."""
     data_dir, model_path = toy
-    net, tok = M.load_model(model_path, "cpu")
+    net, tok = lifecycle.load_model(model_path, "cpu")
     records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
     batch, ids, mask, _, _ = sft.make_batch(net, records[:3], tok, "cpu")  # mixed lengths, left-padded prompts
     ours = sft.sft_loss(net, batch, ids, mask)
@@ -49,7 +50,7 @@ def test_loss_ignores_exactly_the_prompt_positions(toy):
 def test_special_tokens_in_the_target_stay_plain_text(toy):
     """process + solution are data: an <|im_end|> in them must not end the target early; only the appended one does."""
     data_dir, model_path = toy
-    net, tok = M.load_model(model_path, "cpu")
+    net, tok = lifecycle.load_model(model_path, "cpu")
     record = data.load_records(os.path.join(data_dir, "sft.json"))[0][0]
     record["process"] = "<think>" + "".join(tok.all_special_tokens) + "<|im_end|>so<|video_pad|></think>"
     _, ids, mask, _, _ = sft.make_batch(net, [record], tok, "cpu")
@@ -84,7 +85,7 @@ def test_resume_is_bit_exact(toy, tmp_path, lora):
         f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 5, "lo')  # checkpoint: redone
     run_sft(toy, tmp_path / "split", "--resume=True", *lora)
     start = load_file(os.path.join(toy[1], "model.safetensors"))
-    for name in [os.path.join(C.ADAPTER, "adapter_model.safetensors")] * bool(lora) + ["model.safetensors"]:
+    for name in [os.path.join(lifecycle.ADAPTER, "adapter_model.safetensors")] * bool(lora) + ["model.safetensors"]:
         a = load_file(tmp_path / "straight" / "step_000004" / name)
         b = load_file(tmp_path / "split" / "step_000004" / name)
         assert a.keys() == b.keys()
@@ -135,25 +136,25 @@ def test_disk_full_during_a_checkpoint(tiny, tmp_path, monkeypatch):
     """A failed write says which checkpoint failed and that the previous one is intact, and leaves no .tmp folder."""
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
-    first = C.save_checkpoint(str(tmp_path), 1, tok, opt, {"lr": 1e-3})
+    first = lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {"lr": 1e-3})
     for err in [OSError(errno.ENOSPC, "No space left on device"),
                 RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")]:
         monkeypatch.setattr(torch, "save", lambda *a, err=err, **k: (_ for _ in ()).throw(err))
         with pytest.raises(RuntimeError) as failure:
-            C.save_checkpoint(str(tmp_path), 2, tok, opt, {"lr": 1e-3})
+            lifecycle.save_checkpoint(str(tmp_path), 2, tok, opt, {"lr": 1e-3})
         assert f"writing {tmp_path / 'step_000002'} failed" in str(failure.value)
         assert f"the previous checkpoint is intact: {first}" in str(failure.value)
         assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001"]
-        assert C.latest_checkpoint(str(tmp_path)) == first and M.load_model(first, "cpu")[0] is not None
+        assert C.latest_checkpoint(str(tmp_path)) == first and lifecycle.load_model(first, "cpu")[0] is not None
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAIL_FAST = """
 import runpy, sys
-import model
+import lifecycle
 def refuse(*args, **kwargs):
     raise SystemExit("a model was loaded")
-model.load_model = refuse
+lifecycle.load_model = refuse
 for argv in {cases!r}:
     sys.argv = argv
     try:
@@ -164,7 +165,7 @@ for argv in {cases!r}:
 
 
 def test_bad_config_and_data_fail_before_any_model_loads(tmp_path):
-    """Each case runs a script's __main__ with model.load_model refused: the error must come from the config or the
+    """Each case runs a script's __main__ with lifecycle.load_model refused: the error must come from the config or the
     data check, never from a model that was loaded first."""
     (tmp_path / "empty.json").write_text("[]")
     record = {"problem": "?", "solution": "<answer>3</answer>", "path": "x.png", "data_type": "image",
@@ -266,7 +267,7 @@ def test_deepspeed_step_folders_load_as_checkpoints(accumulated):
         run_dir = accumulated[name][0]
         step_dir = str(run_dir / "step_000002")
         assert C.latest_checkpoint(str(run_dir)) == step_dir and C.latest_checkpoint(step_dir) is None
-        M.load_model(C.latest_checkpoint(step_dir) or step_dir, "cpu")
+        lifecycle.load_model(C.latest_checkpoint(step_dir) or step_dir, "cpu")
 
 
 def test_older_checkpoints_keep_only_their_weights(accumulated):
@@ -274,19 +275,19 @@ def test_older_checkpoints_keep_only_their_weights(accumulated):
         run_dir = accumulated[name][0]
         assert sorted(os.listdir(run_dir)) == ["latest", "metrics.jsonl", "step_000001", "step_000002"]
         assert os.path.exists(run_dir / "step_000002" / state) and not os.path.exists(run_dir / "step_000001" / state)
-        M.load_model(str(run_dir / "step_000001"), "cpu")
+        lifecycle.load_model(str(run_dir / "step_000001"), "cpu")
 
 
 def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
     for step in (1, 2, 3):
-        C.save_checkpoint(str(tmp_path), step, tok, opt, {"keep_checkpoints": 2, "keep_weights": False})
+        lifecycle.save_checkpoint(str(tmp_path), step, tok, opt, {"keep_checkpoints": 2, "keep_weights": False})
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
-    C.save_checkpoint(str(tmp_path), 1, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
+    lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
     before = os.stat(tmp_path / "step_000001" / "model.safetensors").st_ino
-    C.save_checkpoint(str(tmp_path), 1, tok, opt, {})  # step 1 written again: replaced whole, no .old or .tmp left
+    lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {})  # step 1 written again: replaced whole, no .old or .tmp left
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
     assert os.stat(tmp_path / "step_000001" / "model.safetensors").st_ino != before
     assert C.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import lifecycle
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -95,7 +96,7 @@ def test_one_iteration_has_ratio_exactly_one(monkeypatch):
 
 def load_examples(toy, kinds, n_each=2):
     data_dir, model_path = toy
-    net, tok = M.load_model(model_path, "cpu")
+    net, tok = lifecycle.load_model(model_path, "cpu")
     records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
     picked = []
     for kind in kinds:
@@ -250,7 +251,7 @@ def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
     monkeypatch.setattr(tgrpo, "beta", 0.04)
     monkeypatch.setattr(tgrpo, "max_new_tokens", 6)
     policy, tok, records = load_examples(toy, ["video"], 1)
-    ref, _ = M.load_model(toy[1], "cpu")
+    ref, _ = lifecycle.load_model(toy[1], "cpu")
     opt = tgrpo.C.Optimizer(policy, 0.0, 0.0, 1.0)  # lr 0: the weights stay, so both updates start at pi_old
     _, rows, batch, ids, mask, _ = tgrpo.rollout(policy, records, tok, 0, "cpu")
     sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
@@ -278,7 +279,7 @@ def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
     tgrpo.C.configure(dict(vars(sft)), ["configs/sft_paper.py"])
     for name in ("lora_1gpu", "lora_multi", "lora_3b"):  # each on top of the paper config
         config = tgrpo.C.configure(dict(vars(tgrpo)), ["configs/tgrpo_paper.py", f"configs/tgrpo_{name}.py"])
-        assert config["lora_rank"] == 64 and config["out_dir"] == f"out/tgrpo_{name}" and M.lora_config(config)
+        assert config["lora_rank"] == 64 and config["out_dir"] == f"out/tgrpo_{name}" and lifecycle.lora_config(config)
     for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--bonus_to=x", "--loss_norm=x"):
         result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
                                 capture_output=True, text=True)
@@ -341,7 +342,7 @@ def rl_ready(toy, tmp_path_factory):
     that its rollouts earn rewards that differ within a group and T-GRPO has real gradients: the untrained model's
     rewards are all 0, which leaves only weight decay acting."""
     data_dir, model_path = toy
-    net, tok = M.load_model(model_path, "cpu")
+    net, tok = lifecycle.load_model(model_path, "cpu")
     records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
     short = [dict(r, process="<think>ok</think>", solution=f"<answer>{'ABCD'[i % 4]}</answer>")
              for i, r in enumerate(records[:8])]
@@ -363,7 +364,7 @@ def lora_model_and_rollout(toy, monkeypatch, prompts=2):
     """A LoRA policy (adapters on the language model, a trainable merger copy) and its ordered rollouts."""
     monkeypatch.setattr(tgrpo, "max_new_tokens", 6)
     data_dir, model_path = toy
-    net, tok = M.load_model(model_path, "cpu", lora=M.lora_config(LORA))
+    net, tok = lifecycle.load_model(model_path, "cpu", lora=lifecycle.lora_config(LORA))
     records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
     examples, rows, batch, ids, mask, _ = tgrpo.rollout(net.eval(), records[:prompts], tok, 0, "cpu")
     return net, tok, ordered_batch(batch, rows, ids, mask)[:3]
@@ -382,7 +383,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(toy, monk
     trained = {k for k, v in net.state_dict().items() if not torch.equal(v, start[k])}
     assert {k for k in trained if ".lora_B." in k} and {k for k in trained if ".modules_to_save." in k}
     assert all(".lora_" in k or ".modules_to_save." in k for k in trained)  # every base weight bit-identical
-    base, _ = M.load_model(toy[1], "cpu")
+    base, _ = lifecycle.load_model(toy[1], "cpu")
     with torch.no_grad():
         with net.eval().disable_adapter():
             reference = M.completion_logprobs(net, batch, ids, mask)
@@ -395,17 +396,17 @@ def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch,
     g = torch.Generator().manual_seed(0)
     for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapters do something
         p.data += 0.1 * torch.randn(p.shape, generator=g)
-    step = C.save_checkpoint(str(tmp_path), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4})
+    step = lifecycle.save_checkpoint(str(tmp_path), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4})
     logprobs = lambda model: M.completion_logprobs(model.eval(), batch, ids, mask)
     with torch.no_grad():
         policy = logprobs(net)
         merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(step)  # plain transformers
         torch.testing.assert_close(logprobs(merged), policy, atol=1e-5, rtol=0)
-        assert (logprobs(merged) - logprobs(M.load_model(toy[1], "cpu")[0])).abs().max() > 1e-3
+        assert (logprobs(merged) - logprobs(lifecycle.load_model(toy[1], "cpu")[0])).abs().max() > 1e-3
         peft_model = PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy[1]),
-                                               os.path.join(step, C.ADAPTER))
+                                               os.path.join(step, lifecycle.ADAPTER))
         assert torch.equal(logprobs(peft_model), policy)
-        eval_model, _ = M.load_model(os.path.join(step, C.ADAPTER), "cpu")  # eval.py's way: base + adapter, merged
+        eval_model, _ = lifecycle.load_model(os.path.join(step, lifecycle.ADAPTER), "cpu")  # eval.py's way: base + adapter, merged
         torch.testing.assert_close(logprobs(eval_model), policy, atol=1e-5, rtol=0)
 
 
@@ -419,7 +420,7 @@ def test_lora_resume_is_bit_exact(rl_ready, tmp_path, nproc, extra):
     keys = ["step", "reward", "accuracy", "format", "loss", "kl", "grad_norm"]
     assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
     assert max(m["grad_norm"] for m in straight) > 0 and max(m["kl"] for m in straight) > 0  # it really trained
-    a, b = (load_file(tmp_path / run / "step_000004" / C.ADAPTER / "adapter_model.safetensors") for run in "ab")
+    a, b = (load_file(tmp_path / run / "step_000004" / lifecycle.ADAPTER / "adapter_model.safetensors") for run in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in a.items())
 
@@ -438,6 +439,6 @@ def test_lora_under_zero3_equals_zero2(rl_ready, tmp_path):
     assert two[0]["reward"] == three[0]["reward"] and two[0]["grad_norm"] > 0
     for key in ("loss", "kl", "grad_norm"):
         assert three[0][key] == pytest.approx(two[0][key], rel=1e-4, abs=1e-7), key
-    adapter = load_file(tmp_path / "zero3" / "step_000001" / C.ADAPTER / "adapter_model.safetensors")
+    adapter = load_file(tmp_path / "zero3" / "step_000001" / lifecycle.ADAPTER / "adapter_model.safetensors")
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # (Adam's first step is sign-like:
     # weights whose gradient is near 0 may move differently, so the update is compared through its gradient norm)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import common as C
 import data
+import lifecycle
 import model as M
 import rewards
 
@@ -186,9 +187,9 @@ if __name__ == "__main__":
     device = C.setup_distributed(threads, seed)
     train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
     init = C.latest_checkpoint(init_from) or init_from
-    policy, tokenizer, opt, start = C.start_training(config, init, device)
+    policy, tokenizer, opt, start = lifecycle.start_training(config, init, device)
     # the KL reference: with LoRA the policy itself, adapters disabled (train_step); else a frozen copy of the start
-    ref = (policy if lora_rank else C.frozen_reference(init, policy, deepspeed, attn)) if beta else None
+    ref = (policy if lora_rank else lifecycle.frozen_reference(init, policy, deepspeed, attn)) if beta else None
     C.print0(f"T-GRPO from {init}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} "
              f"rule={temporal_rule}, G={num_generations} G~={num_contrast}, start at step {start}")
     log, samples = (C.open_log(os.path.join(out_dir, name), start) for name in ("metrics.jsonl", "samples.jsonl"))
@@ -209,7 +210,7 @@ if __name__ == "__main__":
             sub, sub_ids, sub_mask = batch.select(keep), ids[keep], mask[keep]
             advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
         else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
-            (sub, sub_ids, sub_mask), advantages = C.placeholder_batch(policy, device), torch.zeros(1, device=device)
+            (sub, sub_ids, sub_mask), advantages = lifecycle.placeholder_batch(policy, device), torch.zeros(1, device=device)
         update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now)
         update = {k: v if examples or k == "grad_norm" else float("nan") for k, v in update.items()}
         local = {k: float(np.mean(v)) if len(v) else float("nan") for k, v in stats.items()}
@@ -227,6 +228,6 @@ if __name__ == "__main__":
                                         "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
                                         "reward": None if rows[b][1] else float(reward_per_row[b])}, True)
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            C.print0("checkpoint:", C.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
+            C.print0("checkpoint:", lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
     C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
     C.finish()
