@@ -1,19 +1,25 @@
-"""Rewards of Video-R1's T-GRPO: accuracy per problem type, format, length bonus, temporal bonus, advantages.
-Pure functions (numpy and rouge-score, no torch) so they can be tested exhaustively. Accuracy and format follow the
-official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py); the temporal and length rules come as rule="paper"
-or "official" (vllm_grpo_trainer_modified.py). The rules and the departures: DETAILS.md, "Reward semantics"."""
+"""Rewards of Video-R1's T-GRPO: accuracy per problem type, format, length bonus, temporal bonus,
+advantages. Pure functions (numpy and rouge-score, no torch) so they can be tested exhaustively.
+Accuracy and format follow the official code (tulerfeng/Video-R1, src/r1-v/src/open_r1/grpo.py);
+the temporal and length rules come as rule="paper" or "official" (vllm_grpo_trainer_modified.py).
+The rules and the departures: DETAILS.md, "Reward semantics"."""
 import math
 import re
 import numpy as np
 from rouge_score import rouge_scorer
 
 ALPHA = 0.3                     # temporal reward (paper and official)
-LENGTH_BONUS, MIN_LEN, MAX_LEN = 0.2, 320, 512
-OFFICIAL_MIN_CORRECT = 2        # official length bonus needs at least this many correct responses in the group
+# length bonus: +LENGTH_BONUS to a correct response of MIN_LEN to MAX_LEN tokens
+LENGTH_BONUS = 0.2
+MIN_LEN = 320
+MAX_LEN = 512
+# official length bonus needs at least this many correct responses in the group
+OFFICIAL_MIN_CORRECT = 2
 ADV_EPS = 1e-4                  # official: (R - mean) / (std + 1e-4)
 # rule -> (correctness threshold, strict ">" instead of ">=", mu in p >= mu * p~)
 RULES = {"paper": (0.5, False, 1.0), "official": (0.1, True, 0.8)}
-BONUS_TO = ("reward", "advantage")  # where the temporal bonus enters: the rewards, or the advantages (advantages())
+# where the temporal bonus enters: the rewards, or the advantages (advantages())
+BONUS_TO = ("reward", "advantage")
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -23,57 +29,91 @@ _scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=T
 def extract_answer(text: str) -> str:
     """Text inside the first <answer>...</answer>, stripped; "" without a complete tag pair."""
     m = _ANSWER_RE.search(text)
-    return m.group(1).strip() if m else ""
+    if m is None:
+        return ""
+    return m.group(1).strip()
 
 def format_reward(completion: str) -> float:
     """1.0 iff the whole completion is <think>...</think> then (whitespace) <answer>...</answer>."""
-    return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
+    if _FORMAT_RE.fullmatch(completion):
+        return 1.0
+    return 0.0
 
 def to_number(s: str):
-    """float of s with "," removed, or None if unparsable or not finite (nan, inf, overflow like "1e999")."""
+    """float of s with "," removed, or None if unparsable or not finite (nan, inf, overflow like
+    "1e999")."""
     try:
         x = float(s.replace(",", ""))
     except ValueError:
         return None
-    return x if math.isfinite(x) else None
+    if not math.isfinite(x):
+        return None
+    return x
 
 def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance / max(1, reference words), whitespace split. An empty reference
-    divides by 1 as officially, so the OCR reward (1 - WER, clamped) is 1 for an empty answer and 0 for any other."""
-    ref, hyp = reference.split(), hypothesis.split()
-    prev = list(range(len(hyp) + 1))            # distances from the empty reference prefix
+    """Word error rate: word-level edit distance / max(1, reference words), whitespace split. An
+    empty reference divides by 1 as officially, so the OCR reward (1 - WER, clamped) is 1 for an
+    empty answer and 0 for any other."""
+    ref = reference.split()
+    hyp = hypothesis.split()
+    # one row of the edit-distance table at a time; the first: distances from the empty reference
+    prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i]
         for j, h in enumerate(hyp, 1):
-            cur.append(prev[j - 1] if r == h else 1 + min(prev[j], cur[j - 1], prev[j - 1]))
+            if r == h:
+                dist = prev[j - 1]  # the words match: no edit
+            else:
+                # one edit more than the best of: delete r, insert h, substitute h for r
+                dist = 1 + min(prev[j], cur[j - 1], prev[j - 1])
+            cur.append(dist)
         prev = cur
     return prev[-1] / max(1, len(ref))
 
 def rouge_mean(reference: str, hypothesis: str) -> float:
     """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming)."""
-    return sum(score.fmeasure for score in _scorer.score(reference, hypothesis).values()) / 3
+    scores = _scorer.score(reference, hypothesis)
+    return sum(score.fmeasure for score in scores.values()) / 3
 
 def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
-    """Accuracy in [0, 1] of the completion's answer against the solution's <answer>, by problem type."""
+    """Accuracy in [0, 1] of the completion's answer against the solution's <answer>, by problem
+    type."""
     if problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}")
-    out, gt = extract_answer(completion), extract_answer(solution)
+        raise ValueError(
+            f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}")
+    out = extract_answer(completion)
+    gt = extract_answer(solution)
     if problem_type == "multiple choice":
         return 1.0 if out == gt else 0.0
     if problem_type == "OCR":
-        return max(0.0, 1.0 - wer(gt, out))        # WER >= 0, so only the floor can bind
+        # WER >= 0, so only the floor can bind
+        return max(0.0, 1.0 - wer(gt, out))
     if problem_type == "free-form":
         return min(1.0, max(0.0, rouge_mean(gt, out)))
-    o, g = to_number(out), to_number(gt)     # numerical or regression
+
+    # numerical or regression: both answers must parse as numbers
+    o = to_number(out)
+    g = to_number(gt)
     if o is None or g is None:
         return 0.0
     if problem_type == "numerical":
-        # Official rule: "3" and "3.0" (or "1000" and "1,000") differ in form, so the answer is wrong.
-        same_form = ("." in out or "," in out) == ("." in gt or "," in gt)
-        return 1.0 if same_form and round(o, 2) == round(g, 2) else 0.0
-    if g == 0:                                 # relative error undefined: only the exact answer counts
-        return 1.0 if o == 0 else 0.0
-    return 1.0 - min(1.0, abs(o - g) / abs(g))  # abs(o - g) may overflow to inf: min() then gives 0 reward
+        # Official rule: "3" and "3.0" (or "1000" and "1,000") differ in form: the answer is wrong.
+        out_has_mark = "." in out or "," in out
+        gt_has_mark = "." in gt or "," in gt
+        if out_has_mark != gt_has_mark:
+            return 0.0
+        if round(o, 2) == round(g, 2):
+            return 1.0
+        return 0.0
+
+    # regression: 1 - relative error, floored at 0
+    if g == 0:
+        # relative error undefined: only the exact answer counts
+        if o == 0:
+            return 1.0
+        return 0.0
+    # abs(o - g) may overflow to inf: min() then gives 0 reward
+    return 1.0 - min(1.0, abs(o - g) / abs(g))
 
 def _rule(rule: str):
     if rule not in RULES:
@@ -83,14 +123,18 @@ def _rule(rule: str):
 def is_correct(accuracy: float, threshold=None, rule: str = "paper") -> bool:
     """Whether a response counts as correct: paper accuracy >= 0.5, official accuracy > 0.1."""
     default, strict, _ = _rule(rule)
-    t = default if threshold is None else threshold
-    return accuracy > t if strict else accuracy >= t
+    if threshold is None:
+        threshold = default
+    if strict:
+        return accuracy > threshold
+    return accuracy >= threshold
 
-def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=MIN_LEN, max_len=MAX_LEN,
-                 threshold=None) -> list:
-    """+bonus to each correct response (is_correct) with min_len <= token length <= max_len; rule="official" pays
-    it only when at least OFFICIAL_MIN_CORRECT responses of the group are correct."""
-    _rule(rule)                                # validate even for an empty group
+def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=MIN_LEN,
+                 max_len=MAX_LEN, threshold=None) -> list:
+    """+bonus to each correct response (is_correct) with min_len <= token length <= max_len;
+    rule="official" pays it only when at least OFFICIAL_MIN_CORRECT responses of the group are
+    correct."""
+    _rule(rule)  # validate even for an empty group
     if len(accuracies) != len(lengths):
         raise ValueError(f"{len(accuracies)} accuracies but {len(lengths)} lengths")
     correct = [is_correct(a, threshold, rule) for a in accuracies]
@@ -99,29 +143,43 @@ def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=
     return [bonus if c and min_len <= n <= max_len else 0.0 for c, n in zip(correct, lengths)]
 
 def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
-    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted), by `rule` (DETAILS.md, "Reward
-    semantics"). Contrast responses only measure p~; images have none, so calling this without them is an error."""
-    if len(ordered_acc) == 0 or len(contrast_acc) == 0:   # len(): also works for numpy arrays
-        raise ValueError("temporal_bonus needs non-empty ordered and contrast groups (images have no temporal reward)")
-    mu = _rule(rule)[2] if mu is None else mu  # an unknown rule raises in is_correct below
+    """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted), by `rule`
+    (DETAILS.md, "Reward semantics"). Contrast responses only measure p~; images have none, so
+    calling this without them is an error."""
+    # len(): also works for numpy arrays
+    if len(ordered_acc) == 0 or len(contrast_acc) == 0:
+        raise ValueError("temporal_bonus needs non-empty ordered and contrast groups "
+                         "(images have no temporal reward)")
+    if mu is None:
+        mu = _rule(rule)[2]  # an unknown rule raises here, or in is_correct below
     correct = [is_correct(a, threshold, rule) for a in ordered_acc]
+
+    # p and p~: the share of correct ordered and contrast responses (paper), or their mean
+    # accuracy (official)
     if rule == "paper":
         p = sum(correct) / len(ordered_acc)
-        p_tilde = sum(is_correct(a, threshold, rule) for a in contrast_acc) / len(contrast_acc)
+        contrast_correct = sum(is_correct(a, threshold, rule) for a in contrast_acc)
+        p_tilde = contrast_correct / len(contrast_acc)
     else:
-        p, p_tilde = float(np.mean(ordered_acc)), float(np.mean(contrast_acc))
+        p = float(np.mean(ordered_acc))
+        p_tilde = float(np.mean(contrast_acc))
+
+    # the bonus: alpha to each correct ordered response, when ordered frames beat shuffled ones
     granted = bool(p >= mu * p_tilde)
-    return [alpha if granted and c else 0.0 for c in correct], p, p_tilde, granted
+    bonus = [alpha if granted and c else 0.0 for c in correct]
+    return bonus, p, p_tilde, granted
 
 def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
-    """(R - mean) / (std + eps) within a group, unbiased std as officially; zeros for one response (torch: NaN) or
-    equal rewards. scale=False: R - mean (Dr. GRPO), which keeps the rewards' scale, so a bonus grows A too."""
+    """(R - mean) / (std + eps) within a group, unbiased std as officially; zeros for one response
+    (torch: NaN) or equal rewards. scale=False: R - mean (Dr. GRPO), which keeps the rewards'
+    scale, so a bonus grows A too."""
     r = np.asarray(rewards, dtype=np.float64)
     if not np.all(np.isfinite(r)):
         raise ValueError(f"non-finite reward in {rewards!r}")
     if r.size < 2 or np.all(r == r[0]):
         return np.zeros_like(r)
-    # on r / max|r| (when > 1) huge finite rewards cannot overflow mean or std; eps scales alike: A is unchanged
+    # on r / max|r| (when > 1) huge finite rewards cannot overflow mean or std; eps scales alike:
+    # A is unchanged
     c = max(1.0, float(np.max(np.abs(r))))
     x = r / c
     if not scale:
@@ -129,17 +187,28 @@ def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
     return (x - x.mean()) / (x.std(ddof=1) + eps / c)
 
 def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
-    """A of one group of ordered responses, and the mean |A - A without the bonus|. base_rewards: accuracy + format
-    (+ length); bonus: temporal_bonus's. bonus_to="reward" (eq. 2-3): A = norm(base + bonus); "advantage" (the paper's
-    alternative): norm(base) + bonus. Why "reward" moves A by ~0: README, "Does T-GRPO teach temporal reasoning?"."""
+    """A of one group of ordered responses, and the mean |A - A without the bonus|. base_rewards:
+    accuracy + format (+ length); bonus: temporal_bonus's. bonus_to="reward" (eq. 2-3):
+    A = norm(base + bonus); "advantage" (the paper's alternative): norm(base) + bonus. Why "reward"
+    moves A by ~0: README, "Does T-GRPO teach temporal reasoning?"."""
     if bonus_to not in BONUS_TO:
         raise ValueError(f"unknown bonus_to {bonus_to!r}; expected one of {BONUS_TO}")
-    base, b = np.asarray(base_rewards, dtype=np.float64), np.asarray(bonus, dtype=np.float64)
+    base = np.asarray(base_rewards, dtype=np.float64)
+    b = np.asarray(bonus, dtype=np.float64)
     if base.shape != b.shape:
         raise ValueError(f"{base.shape} base rewards but {b.shape} bonuses")
     if not np.all(np.isfinite(b)):
         raise ValueError(f"non-finite bonus in {bonus!r}")
+
+    # the advantages without the bonus, then with it where bonus_to says
     without = group_advantages(base, eps, scale)
-    adv = group_advantages(base + b, eps, scale) if bonus_to == "reward" else without + b
-    change = float(np.mean(np.abs(adv - without))) if adv.size else 0.0
+    if bonus_to == "reward":
+        adv = group_advantages(base + b, eps, scale)
+    else:
+        adv = without + b
+
+    # how far the bonus moved A (an empty group: not at all)
+    if adv.size == 0:
+        return adv, 0.0
+    change = float(np.mean(np.abs(adv - without)))
     return adv, change
