@@ -1,4 +1,5 @@
-"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts and SFT targets."""
+"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts
+and SFT targets."""
 import os
 import sys
 import json
@@ -13,19 +14,21 @@ import rewards
 
 DATA_TYPES = ("image", "video")
 PROMPT_TEMPLATE = (
-    "{Question}\nPlease think about this question as if you were a human pondering deeply. Engage in an internal "
-    "dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or "
-    "other natural language thought expressions It's encouraged to include self-reflection or verification in the "
-    "reasoning process. Provide your detailed reasoning between the <think> and </think> tags, and then give your "
+    "{Question}\nPlease think about this question as if you were a human pondering deeply. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', "
+    "'oh, I see', 'let's break it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> and </think> tags, and then give your "
     "final answer between the <answer> and </answer> tags.")
-_NUMBER_SUFFIX = " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags."
+_NUMBER_SUFFIX = (" Please provide the numerical value (e.g., 42 or 3.14) within the <answer> "
+                  "</answer> tags.")
 TYPE_SUFFIX = {
-    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> "
-                       "</answer> tags.",
+    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) "
+                       "within the <answer> </answer> tags.",
     "numerical": _NUMBER_SUFFIX,
     "regression": _NUMBER_SUFFIX,
-    "OCR": " Please transcribe text from the image/video clearly and provide your text answer within the <answer> "
-           "</answer> tags.",
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer "
+           "within the <answer> </answer> tags.",
     "free-form": " Please provide your text answer within the <answer> </answer> tags.",
 }
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -39,16 +42,23 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT = 200     # Qwen's limit: thinner images cannot be resized to multiples of 28 sensibly
 MIN_PIXELS = 4 * FACTOR * FACTOR      # = 56*56, transformers' default
 MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize itself
-TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR  # the paper's training frames have at most 128*28*28 pixels
-MIN_VIDEO_FPS, MAX_VIDEO_FPS = 0.1, 1000.0  # one frame per 10 s; a high-speed camera. Outside: broken timing
-FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")  # config keys of read_media
+# the paper's training frames have at most 128*28*28 pixels
+TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR
+# video fps outside [one frame per 10 s, a high-speed camera] means broken timing
+MIN_VIDEO_FPS = 0.1
+MAX_VIDEO_FPS = 1000.0
+# config keys of read_media
+FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
 
 REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"  # one per merged patch in the prompt
+# one pad token per merged patch in the prompt
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 MM_TYPE = {IMAGE_PAD: 1, VIDEO_PAD: 2}  # mm_token_type_ids; every other token is text (0)
 
 class DataError(ValueError):
-    """Every problem with the inputs (a bad record, a missing or undecodable media file); it names the file."""
+    """Every problem with the inputs (a bad record, a missing or undecodable media file); it names
+    the file."""
 
 def _check_record(rec, required) -> str | None:
     """The first problem with one record, or None when it is valid."""
@@ -62,13 +72,19 @@ def _check_record(rec, required) -> str | None:
     for field, allowed in (("data_type", DATA_TYPES), ("problem_type", rewards.PROBLEM_TYPES)):
         if rec[field] not in allowed:
             return f"'{field}' is {rec[field]!r}, not one of {allowed}"
-    answer = rewards.extract_answer(rec["solution"])  # the ground truth every rollout is scored against
+
+    # the ground truth every rollout is scored against
+    answer = rewards.extract_answer(rec["solution"])
     if rec["problem_type"] == "multiple choice":
         opts = rec.get("options")
         if not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts):
-            return f"'options' must be a non-empty list of strings for a multiple choice problem, got {opts!r:.60}"
-        if answer not in [o.split(".")[0].strip() for o in opts]:  # Video-R1's options read "A. ..."
-            return f"'solution' answer {answer!r:.60} is not one of the option letters of {opts!r:.80}"
+            return ("'options' must be a non-empty list of strings for a multiple choice problem, "
+                    f"got {opts!r:.60}")
+        # Video-R1's options read "A. ..."
+        letters = [o.split(".")[0].strip() for o in opts]
+        if answer not in letters:
+            return (f"'solution' answer {answer!r:.60} is not one of the option letters of "
+                    f"{opts!r:.80}")
     if rec["problem_type"] in ("numerical", "regression") and rewards.to_number(answer) is None:
         return f"'solution' answer {answer!r:.60} is not a finite number"
     if not isinstance(rec.get("process", ""), str):
@@ -76,39 +92,53 @@ def _check_record(rec, required) -> str | None:
     return None
 
 def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[list[dict], int]:
-    """(records, number skipped) of a Video-R1 JSON list: validated copies, `path` made absolute (from `root`, default
-    the JSON's folder), `index` and `json` added; none left is an error. Media are opened later: 260k load fast."""
+    """(records, number skipped) of a Video-R1 JSON list: validated copies, `path` made absolute
+    (from `root`, default the JSON's folder), `index` and `json` added; none left is an error.
+    Media are opened later: 260k load fast."""
     try:
         with open(json_path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{json_path}: cannot read a JSON file: {e}") from e
     if not isinstance(raw, list):
-        raise DataError(f"{json_path}: expected a JSON list of records, got {type(raw).__name__}")
-    root = os.path.dirname(os.path.abspath(json_path)) if root is None else root
+        raise DataError(
+            f"{json_path}: expected a JSON list of records, got {type(raw).__name__}")
+    if root is None:
+        root = os.path.dirname(os.path.abspath(json_path))
+
+    # validate every record; a bad one is skipped or an error (_skip)
     records = []
     for i, rec in enumerate(raw):
         problem = _check_record(rec, required)
         if problem is not None:
             _skip(DataError(f"{json_path} record {i}: {problem}"), skip_bad)
         else:
-            records.append(dict(rec, path=os.path.abspath(os.path.join(root, rec["path"])), index=i, json=json_path))
+            path = os.path.abspath(os.path.join(root, rec["path"]))
+            records.append(dict(rec, path=path, index=i, json=json_path))
     if not records:
-        raise DataError(f"{json_path}: no records to use: " + ("the list is empty" if not raw else
-                                                                f"all {len(raw)} were bad and skipped"))
+        if not raw:
+            reason = "the list is empty"
+        else:
+            reason = f"all {len(raw)} were bad and skipped"
+        raise DataError(f"{json_path}: no records to use: {reason}")
     return records, len(raw) - len(records)
 
 def _skip(err, skip_bad):
-    """The one path of a bad record or example: skipped with a line on stderr under skip_bad, else an error."""
+    """The one path of a bad record or example: skipped with a line on stderr under skip_bad, else
+    an error."""
     if not skip_bad:
         raise err
     print(f"skipped: {err}", file=sys.stderr)
 
-def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) -> tuple[int, int]:
-    """Qwen's resize rule, as transformers' smart_resize (DETAILS.md, "Frame sampling and resizing")."""
+def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS,
+                 max_pixels=MAX_PIXELS) -> tuple[int, int]:
+    """Qwen's resize rule, as transformers' smart_resize (DETAILS.md, "Frame sampling and
+    resizing")."""
     if max(height, width) / min(height, width) > MAX_ASPECT:
         raise DataError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT}")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    # the nearest multiples of factor, then scaled down or up into [min_pixels, max_pixels]
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
@@ -120,53 +150,75 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
     return h_bar, w_bar
 
 def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
-    """(n, H, W, 3) uint8 frames resized to one smart_resize size as qwen-vl-utils: images by PIL, video by torch."""
+    """(n, H, W, 3) uint8 frames resized to one smart_resize size as qwen-vl-utils: images by PIL,
+    video by torch."""
     try:
-        h, w = smart_resize(frames.shape[1], frames.shape[2], min_pixels=min_pixels, max_pixels=max_pixels)
+        h, w = smart_resize(frames.shape[1], frames.shape[2],
+                            min_pixels=min_pixels, max_pixels=max_pixels)
     except DataError as e:
         raise DataError(f"{path}: {e}") from e
     if not video:
-        return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
-    x = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(h, w),
-                                        mode="bicubic", align_corners=False, antialias=True)
+        resized = [Image.fromarray(f).resize((w, h), Image.BICUBIC) for f in frames]
+        return np.stack([np.asarray(im) for im in resized])
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (n, 3, H, W)
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False,
+                                        antialias=True)
     return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
-    """qwen-vl-utils' smart_nframes: an even frame count (DETAILS.md, "Frame sampling and resizing")."""
-    low, high = math.ceil(min_frames / TEMPORAL_PATCH), max_frames // TEMPORAL_PATCH
+    """qwen-vl-utils' smart_nframes: an even frame count (DETAILS.md, "Frame sampling and
+    resizing")."""
+    low = math.ceil(min_frames / TEMPORAL_PATCH)
+    high = max_frames // TEMPORAL_PATCH
+    # the frames at the requested fps, within the limits and the video's length
     n = min(max(total / video_fps * fps, low * TEMPORAL_PATCH), high * TEMPORAL_PATCH, total)
     return max(TEMPORAL_PATCH, math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
 
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
                max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
-    """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps, as qwen-vl-utils samples."""
+    """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps, as
+    qwen-vl-utils samples."""
     try:
         vr = decord.VideoReader(path)
-        total, avg_fps = len(vr), vr.get_avg_fps()
+        total = len(vr)
+        avg_fps = vr.get_avg_fps()
         if total < TEMPORAL_PATCH:
-            raise DataError(f"{path}: {total}-frame video: a video needs at least {TEMPORAL_PATCH} frames")
+            raise DataError(f"{path}: {total}-frame video: "
+                            f"a video needs at least {TEMPORAL_PATCH} frames")
         if not MIN_VIDEO_FPS <= avg_fps <= MAX_VIDEO_FPS:
-            raise DataError(f"{path}: broken timing: {avg_fps:.3g} fps, outside [{MIN_VIDEO_FPS}, {MAX_VIDEO_FPS}]")
+            raise DataError(f"{path}: broken timing: {avg_fps:.3g} fps, "
+                            f"outside [{MIN_VIDEO_FPS}, {MAX_VIDEO_FPS}]")
         n = _num_frames(total, avg_fps, fps, min_frames, max_frames)
-        frames = vr.get_batch(torch.linspace(0, total - 1, n).round().long().tolist()).asnumpy()
-    except (RuntimeError, decord.DECORDError) as e:  # decord raises these for unreadable or truncated files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # decord appends C++ traces
+        indices = torch.linspace(0, total - 1, n).round().long().tolist()
+        frames = vr.get_batch(indices).asnumpy()
+    # decord raises these for unreadable or truncated files
+    except (RuntimeError, decord.DECORDError) as e:
+        # decord appends C++ traces: keep the first line
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = lines[0][:200]
         raise DataError(f"{path}: cannot decode video: {reason}") from e
-    return _resize(frames, path, min_pixels, max_pixels, video=True), n / total * avg_fps
+    frames = _resize(frames, path, min_pixels, max_pixels, video=True)
+    return frames, n / total * avg_fps
 
 def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
-    """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's temporal patch."""
+    """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's
+    temporal patch."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
+            # PIL only warns below 2x its limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 rgb = np.asarray(im.convert("RGB"))
-    # PIL: UnidentifiedImageError / truncated data / bad header fields / a header claiming gigapixels
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    # PIL: UnidentifiedImageError / truncated data / bad header fields / a header claiming
+    # gigapixels
+    except (OSError, ValueError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
-    return np.repeat(_resize(rgb[None], path, min_pixels, max_pixels, video=False), TEMPORAL_PATCH, axis=0)
+    frame = _resize(rgb[None], path, min_pixels, max_pixels, video=False)
+    return np.repeat(frame, TEMPORAL_PATCH, axis=0)
 
-def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> tuple[np.ndarray, float | None]:
+def read_media(record, fps, min_frames, max_frames, min_pixels,
+               max_pixels) -> tuple[np.ndarray, float | None]:
     """Frames of a record's video (with the sampling fps) or image (fps None)."""
     if not os.path.isfile(record["path"]):
         raise DataError(f"{record['path']}: {record['data_type']} file not found")
@@ -175,11 +227,13 @@ def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels) -> t
     return read_image(record["path"], min_pixels, max_pixels), None
 
 def contrast_frames(frames, rng: np.random.Generator) -> np.ndarray:
-    """The frames in a random order other than their own: T-GRPO's contrast clip and eval's shuffled twin."""
+    """The frames in a random order other than their own: T-GRPO's contrast clip and eval's
+    shuffled twin."""
     n = len(frames)
     if n < 2:
         raise ValueError(f"cannot shuffle {n} frame(s): any order of them is the original order")
-    while True:  # the identity would make the contrast group an ordered one; for n=2 half the draws are it
+    # the identity would make the contrast group an ordered one; for n=2 half the draws are it
+    while True:
         perm = rng.permutation(n)
         if (perm != np.arange(n)).any():
             return frames[perm]
@@ -189,7 +243,8 @@ class Clip:
     pixel_values: torch.Tensor  # float32 (t*h*w, 3*TEMPORAL_PATCH*PATCH*PATCH), Qwen's patch order
     grid_thw: tuple[int, int, int]  # temporal patches, patch rows, patch columns
     is_video: bool
-    second_per_grid: float  # seconds covered by one temporal patch (M-RoPE's temporal spacing); 1.0 for images
+    # seconds covered by one temporal patch (M-RoPE's temporal spacing); 1.0 for images
+    second_per_grid: float
 
     @property
     def num_tokens(self) -> int:
@@ -197,47 +252,71 @@ class Clip:
         return t * h * w // MERGE ** 2
 
 def make_clip(frames, fps) -> Clip:
-    """CLIP-normalise (n, H, W, 3) uint8 frames and lay them out as Qwen2.5-VL's pixel_values (what its processor
-    does; done by hand because transformers' video processor needs torchvision). fps None -> an image clip."""
+    """CLIP-normalise (n, H, W, 3) uint8 frames and lay them out as Qwen2.5-VL's pixel_values
+    (what its processor does; done by hand because transformers' video processor needs
+    torchvision). fps None -> an image clip."""
     n, H, W, _ = frames.shape
-    assert n % TEMPORAL_PATCH == H % FACTOR == W % FACTOR == 0, f"{n} frames of {H}x{W}: off the patch grid"
+    assert n % TEMPORAL_PATCH == H % FACTOR == W % FACTOR == 0, \
+        f"{n} frames of {H}x{W}: off the patch grid"
     t, h, w = n // TEMPORAL_PATCH, H // PATCH, W // PATCH
+
+    # CLIP-normalise
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    x = (x - mean) / std
+
+    # Qwen's patch order: (t, h/2, w/2, 2, 2, C, T, 14, 14), so merge groups stay contiguous
     x = x.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h/2, w/2, 2, 2, C, T, 14, 14): merge groups stay contiguous
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     pixel_values = x.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH)
     is_video = fps is not None
-    return Clip(pixel_values, (t, h, w), is_video, TEMPORAL_PATCH / fps if is_video else 1.0)
+    if is_video:
+        second_per_grid = TEMPORAL_PATCH / fps
+    else:
+        second_per_grid = 1.0
+    return Clip(pixel_values, (t, h, w), is_video, second_per_grid)
 
 def question_text(record) -> str:
-    """The user turn's text: the question (with its options), the reasoning template and the answer-type suffix."""
+    """The user turn's text: the question (with its options), the reasoning template and the
+    answer-type suffix."""
     question = record["problem"]
-    if record["problem_type"] == "multiple choice":  # official wording: no separator before "Options:"
+    # official wording: no separator before "Options:"
+    if record["problem_type"] == "multiple choice":
         question += "Options:\n" + "".join(option + "\n" for option in record["options"])
     return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
 
 def chat_template(clip) -> tuple[str, str]:
-    """Qwen2.5-VL's chat template of one user turn, (before, after) its question text (DETAILS.md, "The prompt")."""
-    media = "<|vision_start|>" + (VIDEO_PAD if clip.is_video else IMAGE_PAD) * clip.num_tokens + "<|vision_end|>"
+    """Qwen2.5-VL's chat template of one user turn, (before, after) its question text (DETAILS.md,
+    "The prompt")."""
+    pad = VIDEO_PAD if clip.is_video else IMAGE_PAD
+    media = "<|vision_start|>" + pad * clip.num_tokens + "<|vision_end|>"
     return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}",
             "<|im_end|>\n<|im_start|>assistant\n")
 
 def encode_plain(tokenizer, text) -> list[int]:
-    """Ids of text from the data: an "<|im_end|>" in a scraped question stays characters, never a control token."""
+    """Ids of text from the data: an "<|im_end|>" in a scraped question stays characters, never a
+    control token."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
 def encode_prompt(tokenizer, record, clip, max_tokens) -> tuple[list[int], list[int]]:
-    """Prompt ids and their mm_token_type_ids (MM_TYPE; M-RoPE needs them). Template and question are encoded apart
-    (encode_plain), which gives the whole prompt's ids when the question holds no special token."""
-    before, after = (tokenizer(text, add_special_tokens=False).input_ids for text in chat_template(clip))
-    ids = before + encode_plain(tokenizer, question_text(record)) + after
+    """Prompt ids and their mm_token_type_ids (MM_TYPE; M-RoPE needs them). Template and question
+    are encoded apart (encode_plain), which gives the whole prompt's ids when the question holds no
+    special token."""
+    before, after = chat_template(clip)
+    before_ids = tokenizer(before, add_special_tokens=False).input_ids
+    after_ids = tokenizer(after, add_special_tokens=False).input_ids
+    ids = before_ids + encode_plain(tokenizer, question_text(record)) + after_ids
     if len(ids) > max_tokens:
         raise DataError(f"prompt of {len(ids)} tokens exceeds max_prompt_tokens={max_tokens}")
+
+    # the media type of every token, and a check that each media token got its own pad token
     type_of = {tokenizer.convert_tokens_to_ids(tok): kind for tok, kind in MM_TYPE.items()}
     mm_types = [type_of.get(i, 0) for i in ids]
-    pads = mm_types.count(MM_TYPE[VIDEO_PAD if clip.is_video else IMAGE_PAD])
-    assert pads == clip.num_tokens, f"{pads} pad tokens for {clip.num_tokens} media tokens: the tokenizer split them"
+    pad = VIDEO_PAD if clip.is_video else IMAGE_PAD
+    pads = mm_types.count(MM_TYPE[pad])
+    assert pads == clip.num_tokens, \
+        f"{pads} pad tokens for {clip.num_tokens} media tokens: the tokenizer split them"
     return ids, mm_types
 
 def sft_target(record) -> str:
@@ -245,13 +324,19 @@ def sft_target(record) -> str:
     return record["process"] + "\n" + record["solution"]
 
 def epoch_slice(records, first, count, seed):
-    """records[first : first + count] of an endless stream that reshuffles every epoch i // n (seeded): the data
-    position is a plain number, so a resumed run needs no data-loader state."""
+    """records[first : first + count] of an endless stream that reshuffles every epoch i // n
+    (seeded): the data position is a plain number, so a resumed run needs no data-loader state."""
     n = len(records)
-    return [records[np.random.default_rng([seed, i // n]).permutation(n)[i % n]] for i in range(first, first + count)]
+    out = []
+    for i in range(first, first + count):
+        # the order of the epoch position i falls in
+        epoch_order = np.random.default_rng([seed, i // n]).permutation(n)
+        out.append(records[epoch_order[i % n]])
+    return out
 
 def load_examples(records, tokenizer, config, contrast_rng=None):
-    """load_example per record -> [(record, prompt, clip, contrast_clip)], and how many config's skip_bad skipped."""
+    """load_example per record -> [(record, prompt, clip, contrast_clip)], and how many config's
+    skip_bad skipped."""
     examples = []
     for record in records:
         try:
@@ -261,13 +346,18 @@ def load_examples(records, tokenizer, config, contrast_rng=None):
     return examples, len(records) - len(examples)
 
 def load_example(record, tokenizer, config, contrast_rng=None):
-    """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip (same token count, so
-    the same prompt); `config` gives FRAME_LIMITS and max_prompt_tokens. A DataError names the JSON file and record."""
+    """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip
+    (same token count, so the same prompt); `config` gives FRAME_LIMITS and max_prompt_tokens. A
+    DataError names the JSON file and record."""
     try:
-        frames, fps = read_media(record, **{key: config[key] for key in FRAME_LIMITS})
+        limits = {key: config[key] for key in FRAME_LIMITS}
+        frames, fps = read_media(record, **limits)
         clip = make_clip(frames, fps)
-        has_contrast = contrast_rng is not None and clip.is_video  # an image has no frame order to break
-        contrast_clip = make_clip(contrast_frames(frames, contrast_rng), fps) if has_contrast else None
-        return encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"]), clip, contrast_clip
+        # an image has no frame order to break
+        contrast_clip = None
+        if contrast_rng is not None and clip.is_video:
+            contrast_clip = make_clip(contrast_frames(frames, contrast_rng), fps)
+        prompt = encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"])
+        return prompt, clip, contrast_clip
     except DataError as err:
         raise DataError(f"{record['json']} record {record['index']}: {err}") from err
