@@ -1,5 +1,6 @@
-"""Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean +- std over seeds.
-`python plot.py out/compare` draws the CURVES into curves.png there and prints a markdown table of eval accuracy."""
+"""Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean +-
+std over seeds. `python plot.py out/compare` draws the CURVES into curves.png there and prints a
+markdown table of eval accuracy."""
 import json
 import sys
 from pathlib import Path
@@ -8,38 +9,60 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt
 
-METHODS = {"grpo": "GRPO (temporal=False)", "tgrpo": "T-GRPO (paper eq. 2-3)",
-           "tgrpo_adv": "T-GRPO, bonus_to=advantage", "tgrpo_noscale": "T-GRPO, scale_rewards=False",
-           "grpo_noscale": "GRPO, scale_rewards=False"}
+METHODS = {
+    "grpo": "GRPO (temporal=False)",
+    "tgrpo": "T-GRPO (paper eq. 2-3)",
+    "tgrpo_adv": "T-GRPO, bonus_to=advantage",
+    "tgrpo_noscale": "T-GRPO, scale_rewards=False",
+    "grpo_noscale": "GRPO, scale_rewards=False",
+}
 CURVES = [("reward", "total reward (T-GRPO's includes the bonus)"),
           ("bonus_granted", "video groups with p >= mu * p~\n(the bonus is paid by T-GRPO only)"),
           ("p_gap", "p - p~ (ordered minus shuffled correct)"),
           ("advantage_change", "mean |advantage change| the bonus made")]
 SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
-ROWS = [(family, metric) for family in ("temporal", "control") for metric in ("ordered", "shuffled", "gap")]
+# the table's columns: eval accuracy of each family kind on ordered and shuffled frames, and the gap
+ROWS = [(family, metric)
+        for family in ("temporal", "control")
+        for metric in ("ordered", "shuffled", "gap")]
 
 def curve(path, key):
+    """The SMOOTH-step moving average of one metric in a metrics.jsonl ("p_gap": p - p~)."""
     rows = [json.loads(line) for line in open(path)]
-    values = np.array([r["p"] - r["p_contrast"] if key == "p_gap" else r[key] for r in rows], dtype=float)
-    window = np.ones(SMOOTH)  # NaN (a step without a video prompt) is left out of its window's mean
-    return np.convolve(np.nan_to_num(values), window, "valid") / np.convolve(~np.isnan(values), window, "valid")
+    if key == "p_gap":
+        values = [r["p"] - r["p_contrast"] for r in rows]
+    else:
+        values = [r[key] for r in rows]
+    values = np.array(values, dtype=float)
+    # NaN (a step without a video prompt) is left out of its window's mean
+    window = np.ones(SMOOTH)
+    sums = np.convolve(np.nan_to_num(values), window, "valid")
+    counts = np.convolve(~np.isnan(values), window, "valid")
+    return sums / counts
 
 def methods(root):
-    """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as tgrpo_mu1.5."""
+    """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as
+    tgrpo_mu1.5."""
     names = {p.name.rsplit("_seed", 1)[0] for p in Path(root).glob("*_seed*") if p.is_dir()}
-    ordered = [m for m in METHODS if m in names] + sorted(names - set(METHODS))  # known ones in METHODS' order first
+    # the known ones first, in METHODS' order
+    ordered = [m for m in METHODS if m in names] + sorted(names - set(METHODS))
     return {name: METHODS.get(name, name) for name in ordered}
 
 def plot(root):
+    """Each method's CURVES, mean +- std over its seeds, into root/curves.png."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for method, label in methods(root).items():
         paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
         for ax, (key, title) in zip(axes.flat, CURVES):
             runs = [curve(p, key) for p in paths]
-            runs = np.array([r[:min(map(len, runs))] for r in runs])  # cut to the shortest run
+            # cut to the shortest run
+            shortest = min(map(len, runs))
+            runs = np.array([r[:shortest] for r in runs])
             steps = np.arange(runs.shape[1]) + SMOOTH
-            ax.plot(steps, runs.mean(0), label=f"{label}, {len(paths)} seeds")
-            ax.fill_between(steps, runs.mean(0) - runs.std(0), runs.mean(0) + runs.std(0), alpha=0.2)
+            mean = runs.mean(0)
+            std = runs.std(0)
+            ax.plot(steps, mean, label=f"{label}, {len(paths)} seeds")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(f"step ({SMOOTH}-step moving average)")
     axes.flat[0].legend(fontsize=8)
@@ -47,11 +70,16 @@ def plot(root):
     fig.savefig(Path(root) / "curves.png", dpi=110)
 
 def table(root):
+    """A markdown table of eval accuracy (ROWS), mean +- std over seeds, SFT's start first."""
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
     for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
-        pattern = ("sft" if method == "sft" else f"{method}_seed*") + "/eval/summary.json"
-        groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in sorted(Path(root).glob(pattern))]
+        if method == "sft":
+            pattern = "sft/eval/summary.json"
+        else:
+            pattern = f"{method}_seed*/eval/summary.json"
+        summaries = sorted(Path(root).glob(pattern))
+        groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in summaries]
         cells = []
         for family, metric in ROWS:
             values = 100 * np.array([g[family][metric] for g in groups])
@@ -61,7 +89,9 @@ def table(root):
     return "\n".join(lines)
 
 if __name__ == "__main__":
-    root = sys.argv[1] if len(sys.argv) > 1 else "out/compare"
+    root = "out/compare"
+    if len(sys.argv) > 1:
+        root = sys.argv[1]
     plot(root)
     print(table(root))
     print(f"curves: {Path(root) / 'curves.png'}")
