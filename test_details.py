@@ -6,6 +6,7 @@ from decimal import Decimal
 import numpy as np
 import torch
 import data
+import lifecycle
 import model as M
 import rewards
 import tgrpo
@@ -101,7 +102,7 @@ def test_one_step_picture_rows_clips_and_shapes(toy, monkeypatch):
     data_dir, model_path = toy
     records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
     video, image = (next(r for r in records if r["data_type"] == kind) for kind in ("video", "image"))
-    policy, tok = M.load_model(model_path, "cpu")
+    policy, tok = lifecycle.load_model(model_path, "cpu")
     examples, rows, batch, ids, mask, _ = tgrpo.rollout(policy.eval(), [video, image], tok, 0, "cpu")
     assert rows == [(0, False)] * 8 + [(0, True)] * 4 + [(1, False)] * 8
     assert batch.row_clip == [0] * 8 + [1] * 4 + [2] * 8
