@@ -1,9 +1,9 @@
-"""The model's life cycle in a run: loading a checkpoint folder (with LoRA adapters or without), the start or
-resume of training, the KL reference, the placeholder batch of a rank without data, and the model's part of a
-checkpoint (HF weights; under LoRA the adapter and the merged weights).
+"""The model's life cycle in a run: loading a checkpoint folder (with LoRA adapters or without),
+the start or resume of training, the KL reference, the placeholder batch of a rank without data,
+and the model's part of a checkpoint (HF weights; under LoRA the adapter and the merged weights).
 
-The forward pass lives in model.py, the generic run machinery (configurator, ranks, optimizer, atomic folders)
-in common.py; this module joins the two for the training scripts."""
+The forward pass lives in model.py, the generic run machinery (configurator, ranks, optimizer,
+atomic folders) in common.py; this module joins the two for the training scripts."""
 import json
 import os
 import torch
@@ -13,15 +13,18 @@ import common
 import data
 import model
 
-ADAPTER = "adapter"  # a LoRA checkpoint's subfolder holding the adapter in peft's format
-LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")  # must match on resume
+# a LoRA checkpoint's subfolder holding the adapter in peft's format
+ADAPTER = "adapter"
+# the adapter settings a resumed LoRA run must share with the checkpoint
+LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
 
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None):
     """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code.
 
-    `lora` (a LoraConfig) adds fresh adapters. An adapter folder loads on the (absolute) base folder its
-    adapter_config.json names: merged, or trainable when `lora` is given and matches it (a LoRA run resuming)."""
+    `lora` (a LoraConfig) adds fresh adapters. An adapter folder loads on the (absolute) base
+    folder its adapter_config.json names: merged, or trainable when `lora` is given and matches it
+    (a LoRA run resuming)."""
     adapter = None
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         adapter = path
@@ -49,13 +52,15 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
             saved = [getattr(net.peft_config["default"], key) for key in LORA_KEYS]
             wanted = [getattr(lora, key) for key in LORA_KEYS]
             if saved != wanted:
-                raise ValueError(f"{adapter} was trained with other lora_* settings than this run's")
+                raise ValueError(f"{adapter} was trained with other lora_* settings "
+                                 "than this run's")
     elif lora:
         net = get_peft_model(net, lora)
         targeted = {name.rsplit(".", 1)[1] for name in net.targeted_module_names}
         missing = lora.target_modules - targeted
         if missing:
-            raise ValueError(f"lora_targets {sorted(missing)} match no module of the language model")
+            raise ValueError(f"lora_targets {sorted(missing)} match no module "
+                             "of the language model")
 
     # the trained adapters in fp32, on a bf16 base too (peft: adapters only)
     if lora:
@@ -68,8 +73,8 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
 def lora_config(config):
     """peft's LoraConfig from a script's lora_* values (None: full fine-tuning).
 
-    Targets match in the language model only (the vision tower has an mlp.gate_proj too); lora_merger trains a
-    copy of the merger (modules_to_save)."""
+    Targets match in the language model only (the vision tower has an mlp.gate_proj too);
+    lora_merger trains a copy of the merger (modules_to_save)."""
     if not config["lora_rank"]:
         return None
     modules_to_save = None
@@ -84,8 +89,8 @@ def lora_config(config):
 
 
 def training_dtype(config, device):
-    """bf16 weights on GPU where DeepSpeed keeps fp32 masters or LoRA freezes the base; else fp32 weights,
-    trained under bf16 autocast on GPU (model.autocast)."""
+    """bf16 weights on GPU where DeepSpeed keeps fp32 masters or LoRA freezes the base; else fp32
+    weights, trained under bf16 autocast on GPU (model.autocast)."""
     on_gpu = "cuda" in device
     if on_gpu and (config["deepspeed"] or config["lora_rank"]):
         return torch.bfloat16
@@ -93,8 +98,9 @@ def training_dtype(config, device):
 
 
 def start_training(config, init, device):
-    """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer and first step: from
-    `init`, or resumed from out_dir's latest checkpoint (LoRA: its adapter, on the base it started from)."""
+    """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer and first
+    step: from `init`, or resumed from out_dir's latest checkpoint (LoRA: its adapter, on the base
+    it started from)."""
     ckpt = None
     if config["resume"]:
         ckpt = common.latest_checkpoint(config["out_dir"])
@@ -116,7 +122,8 @@ def start_training(config, init, device):
     if not ckpt:
         return opt.model, tokenizer, opt, 0
 
-    # the optimizer state; LoRA: DeepSpeed's files hold no frozen base (save_checkpoint), so load non-strict
+    # the optimizer state; under LoRA DeepSpeed's files hold no frozen base (save_checkpoint), so
+    # they load non-strict
     if opt.engine:
         strict = model.lora_of(opt.model) is None
         opt.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=strict)
@@ -129,10 +136,11 @@ def start_training(config, init, device):
 
 
 def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
-    """Full fine-tuning's KL reference: a frozen copy of the starting policy on its device, in its dtype.
+    """Full fine-tuning's KL reference: a frozen copy of the starting policy, on its device and in
+    its dtype.
 
-    Under ZeRO-3 it is partitioned like the policy (DeepSpeed runs stage 3 without an optimizer); under ZeRO-2
-    each GPU holds it whole."""
+    Under ZeRO-3 it is partitioned like the policy (DeepSpeed runs stage 3 without an optimizer);
+    under ZeRO-2 each GPU holds it whole."""
     weight = next(model.unwrap(policy).parameters())
     ref, _ = load_model(path, weight.device, attn=attn, dtype=weight.dtype)
     ref = ref.requires_grad_(False).eval()
@@ -144,24 +152,29 @@ def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
 
 
 def placeholder_batch(policy, device):
-    """(batch, ids, mask) for a rank whose records all failed: a 1-token video, 1 masked-out completion token.
+    """(batch, ids, mask) for a rank whose records all failed: a 1-token video and 1 masked-out
+    completion token.
 
-    Zero loss and zero gradients, yet every module runs as on data, so the rank's ZeRO collectives stay in step
-    with the other ranks'."""
+    Zero loss and zero gradients, yet every module runs as on data, so the rank's ZeRO collectives
+    stay in step with the other ranks'."""
     config = model.unwrap(policy).config
-    pixels = torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2)  # one merged 2x2 patch of 2 frames
+    # one merged 2x2 patch of 2 frames
+    pixels = torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2)  # (4, patch_dim)
     clip = data.Clip(pixels, (1, 2, 2), True, 1.0)
     ids = [config.vision_start_token_id, config.video_token_id, config.vision_end_token_id]
     mm_types = [0, 2, 0]
     batch = model.collate_prompts([(ids, mm_types)], [clip], 0, config, device)
     completion_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    completion_mask = torch.zeros(1, 1, dtype=torch.long, device=device)  # nothing counts in the loss
+    # nothing counts in the loss
+    completion_mask = torch.zeros(1, 1, dtype=torch.long, device=device)  # (1, 1)
     return batch, completion_ids, completion_mask
 
 
 def write_model(folder, state_dict, tokenizer, optimizer):
-    """The model's files of a checkpoint, on rank 0: HF weights and the tokenizer; under LoRA also the adapter,
-    and the weights merged as eval.py merges them (so any step folder loads as a plain model).
+    """The model's files of a checkpoint, on rank 0: HF weights and the tokenizer; under LoRA also
+    the adapter, and the weights merged as eval.py merges them (so any step folder loads as a
+    plain model).
+
     `state_dict`: ZeRO-3's gathered 16-bit weights, or None to take them from the module."""
     lora = model.lora_of(optimizer.model)
     if lora:
