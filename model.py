@@ -39,8 +39,8 @@ def mrope_positions(mm_types, clip, tokens_per_second):
         return pos
     start = vision[0].item()
     end = vision[-1].item() + 1
-    assert end - start == len(vision) == clip.num_tokens, \
-        "one contiguous vision block per prompt, sized to its clip"
+    sized = end - start == len(vision) == clip.num_tokens
+    assert sized, "one contiguous vision block per prompt, sized to its clip"
 
     # the grid in the language model's tokens: the merger joins 2x2 patches into one token
     t = clip.grid_thw[0]
