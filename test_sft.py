@@ -22,7 +22,8 @@ def test_loss_ignores_exactly_the_prompt_positions(toy):
     data_dir, model_path = toy
     net, tok = lifecycle.load_model(model_path, "cpu")
     records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
-    batch, ids, mask, _, _ = sft.make_batch(net, records[:3], tok, "cpu")  # mixed lengths, left-padded prompts
+    sft_batch = sft.make_batch(net, records[:3], tok, "cpu")  # mixed lengths, left-padded prompts
+    batch, ids, mask = sft_batch.prompts, sft_batch.target_ids, sft_batch.target_mask
     ours = sft.sft_loss(net, batch, ids, mask)
 
     B, P, T = *batch.input_ids.shape, ids.shape[1]
@@ -53,7 +54,8 @@ def test_special_tokens_in_the_target_stay_plain_text(toy):
     net, tok = lifecycle.load_model(model_path, "cpu")
     record = data.load_records(os.path.join(data_dir, "sft.json"))[0][0]
     record["process"] = "<think>" + "".join(tok.all_special_tokens) + "<|im_end|>so<|video_pad|></think>"
-    _, ids, mask, _, _ = sft.make_batch(net, [record], tok, "cpu")
+    sft_batch = sft.make_batch(net, [record], tok, "cpu")
+    ids, mask = sft_batch.target_ids, sft_batch.target_mask
     target = ids[0, :int(mask.sum())].tolist()
     assert tok.decode(target) == data.sft_target(record) + "<|im_end|>"
     assert [i for i in target if i in tok.all_special_ids] == [tok.convert_tokens_to_ids("<|im_end|>")]

@@ -346,7 +346,8 @@ def rl_ready(toy, tmp_path_factory):
     records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
     short = [dict(r, process="<think>ok</think>", solution=f"<answer>{'ABCD'[i % 4]}</answer>")
              for i, r in enumerate(records[:8])]
-    batch, ids, mask, _, _ = sft.make_batch(net, short, tok, "cpu")
+    sft_batch = sft.make_batch(net, short, tok, "cpu")
+    batch, ids, mask = sft_batch.prompts, sft_batch.target_ids, sft_batch.target_mask
     opt, threads = torch.optim.AdamW(net.parameters(), lr=3e-3), torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on a shared CPU: one thread is several times faster than two
     for _ in range(150):
