@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 import numpy as np
 import torch
 import decord
@@ -334,13 +335,19 @@ def epoch_slice(records, first, count, seed):
         out.append(records[epoch_order[i % n]])
     return out
 
+class Example(NamedTuple):
+    """A record loaded for training: load_example's prompt and clips beside the record."""
+    record: dict
+    prompt: tuple  # (prompt ids, mm types), as encode_prompt gives them
+    clip: Clip
+    contrast_clip: Clip | None  # the frames shuffled: videos only, given a contrast_rng
+
 def load_examples(records, tokenizer, config, contrast_rng=None):
-    """load_example per record -> [(record, prompt, clip, contrast_clip)], and how many config's
-    skip_bad skipped."""
+    """load_example per record -> [Example], and how many config's skip_bad skipped."""
     examples = []
     for record in records:
         try:
-            examples.append((record, *load_example(record, tokenizer, config, contrast_rng)))
+            examples.append(Example(record, *load_example(record, tokenizer, config, contrast_rng)))
         except DataError as err:
             _skip(err, config["skip_bad"])
     return examples, len(records) - len(examples)
