@@ -116,7 +116,8 @@ def test_image_only_batch_has_no_shuffled_rollouts(toy, monkeypatch):
     examples, rows, batch, ids, mask, skipped = tgrpo.rollout(net, records, tok, 0, "cpu")
     assert len(rows) == 3 * tgrpo.num_generations and not any(shuffled for _, shuffled in rows)
     assert all(shuffled is None for *_, shuffled in examples)
-    _, _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
+    lengths = mask.sum(1).tolist()
+    stats = tgrpo.step_stats(tgrpo.score(examples, rows, tok.batch_decode(ids), lengths), rows, lengths)
     assert stats["p"] == [] and stats["bonus_granted"] == [] and set(stats["temporal_bonus"]) == {0.0}
     assert len(batch.clips) == 3  # each image encoded once for its 8 rows
 
@@ -128,9 +129,11 @@ def test_mixed_batch_rows_and_clips(toy, monkeypatch):
     G, Gs = tgrpo.num_generations, tgrpo.num_contrast
     assert len(rows) == 4 * G + 2 * Gs and sum(s for _, s in rows) == 2 * Gs
     assert len(batch.clips) == 2 * 2 + 2  # videos: ordered + shuffled clip each; images: one
-    _, _, advantages, stats = tgrpo.score(examples, rows, tok.batch_decode(ids), mask.sum(1).tolist())
+    lengths = mask.sum(1).tolist()
+    stats = tgrpo.step_stats(tgrpo.score(examples, rows, tok.batch_decode(ids), lengths), rows, lengths)
     assert len(stats["p"]) == 2 and len(stats["accuracy"]) == 4 * G
-    assert tgrpo.score([], [], [], [])[3] == {k: [] for k in stats}  # a rank without rollouts logs the same keys
+    # a rank without rollouts logs the same keys
+    assert tgrpo.step_stats(tgrpo.score([], [], [], []), [], []) == {k: [] for k in stats}
     sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
     assert len(keep) == 4 * G and sub.input_ids.shape[0] == sub_ids.shape[0] == 4 * G
 
@@ -140,10 +143,12 @@ def test_zero_variance_groups_give_zero_advantages_and_finite_loss(toy):
     record = records[0]
     answer = record["process"] + record["solution"]
     G, Gs = tgrpo.num_generations, tgrpo.num_contrast
-    examples = [(record, None, None, object())]
-    rows = [(0, False)] * G + [(0, True)] * Gs
+    examples = [data.Example(record, None, None, object())]
+    rows = [tgrpo.Row(0, False)] * G + [tgrpo.Row(0, True)] * Gs
     for texts in ([answer] * (G + Gs), ["nothing"] * (G + Gs)):   # all correct, then all wrong
-        _, rewards_, advantages, stats = tgrpo.score(examples, rows, texts, [10] * (G + Gs))
+        scores = tgrpo.score(examples, rows, texts, [10] * (G + Gs))
+        rewards_, advantages = scores.reward, scores.advantages
+        stats = tgrpo.step_stats(scores, rows, [10] * (G + Gs))
         assert np.all(advantages == 0) and np.all(np.isfinite(rewards_))
         logp = torch.randn(G, 5, requires_grad=True)
         loss, _ = tgrpo.tgrpo_loss(logp, logp.detach(), logp.detach() + 0.1,
@@ -159,13 +164,16 @@ def test_ordered_rows_beating_shuffled_earn_the_bonus_unless_plain_grpo(toy, mon
     monkeypatch.setattr(tgrpo, "temporal", temporal)
     _, _, (record,) = load_examples(toy, ["video"], 1)
     right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
-    examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
-    accuracy, rewards_, _, stats = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
+    examples = [data.Example(record, None, None, object())]
+    rows = [tgrpo.Row(0, False)] * 4 + [tgrpo.Row(0, True)] * 2
+    scores = tgrpo.score(examples, rows, [right, right, right, wrong, wrong, wrong], [5] * 6)
+    accuracy, rewards_, stats = scores.accuracy, scores.reward, tgrpo.step_stats(scores, rows, [5] * 6)
     assert accuracy.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # contrast rows too
     assert stats["p"] == [0.75] and stats["p_contrast"] == [0.0] and stats["bonus_granted"] == [1.0]
     assert rewards_[:4].tolist() == pytest.approx([2.0 + paid] * 3 + [1.0])
     assert set(stats["temporal_bonus"]) == {paid, 0.0}
-    _, rewards_, _, stats = tgrpo.score(examples, rows, [right, wrong, wrong, wrong, right, right], [5] * 6)
+    scores = tgrpo.score(examples, rows, [right, wrong, wrong, wrong, right, right], [5] * 6)
+    rewards_, stats = scores.reward, tgrpo.step_stats(scores, rows, [5] * 6)
     assert stats["bonus_granted"] == [0.0] and rewards_[0] == pytest.approx(2.0)  # p = 0.25 < p~ = 1
 
 
@@ -252,7 +260,7 @@ def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
     monkeypatch.setattr(tgrpo, "max_new_tokens", 6)
     policy, tok, records = load_examples(toy, ["video"], 1)
     ref, _ = lifecycle.load_model(toy[1], "cpu")
-    opt = tgrpo.C.Optimizer(policy, 0.0, 0.0, 1.0)  # lr 0: the weights stay, so both updates start at pi_old
+    opt = tgrpo.common.Optimizer(policy, 0.0, 0.0, 1.0)  # lr 0: the weights stay, so both updates start at pi_old
     _, rows, batch, ids, mask, _ = tgrpo.rollout(policy, records, tok, 0, "cpu")
     sub, sub_ids, sub_mask, keep = ordered_batch(batch, rows, ids, mask)
     stats = tgrpo.train_step(opt, policy, ref, sub, sub_ids, sub_mask, torch.randn(len(keep)), 0.0)
@@ -263,22 +271,22 @@ def test_correct_threshold_decides_the_length_bonus_too(monkeypatch):
     monkeypatch.setattr(tgrpo, "length_bonus", True)
     record = {"solution": "<answer>red blue</answer>", "problem_type": "OCR"}
     half = "<think>x</think><answer>red</answer>"  # accuracy 1 - WER = 0.5
-    examples, rows = [(record, None, None, None)], [(0, False)] * 2
+    examples, rows = [data.Example(record, None, None, None)], [tgrpo.Row(0, False)] * 2
     for threshold, paid in ((0.5, 0.2), (0.9, 0.0)):
         monkeypatch.setattr(tgrpo, "correct_threshold", threshold)
-        _, _, _, stats = tgrpo.score(examples, rows, [half, "nothing"], [400, 400])
+        stats = tgrpo.step_stats(tgrpo.score(examples, rows, [half, "nothing"], [400, 400]), rows, [400, 400])
         assert stats["length_bonus"] == [paid, 0.0]
 
 
 def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
     config = {k: v for k, v in vars(tgrpo).items()}
-    tgrpo.C.configure(config, ["configs/tgrpo_paper.py", "configs/tgrpo_official.py"],
-                      choices={"temporal_rule": tuple(tgrpo.rewards.RULES)})
+    tgrpo.common.configure(config, ["configs/tgrpo_paper.py", "configs/tgrpo_official.py"],
+                           choices={"temporal_rule": tuple(tgrpo.rewards.RULES)})
     assert config["temporal_rule"] == "official" and config["mu"] == 0.8 and config["num_contrast"] == 4
     import sft
-    tgrpo.C.configure(dict(vars(sft)), ["configs/sft_paper.py"])
+    tgrpo.common.configure(dict(vars(sft)), ["configs/sft_paper.py"])
     for name in ("lora_1gpu", "lora_multi", "lora_3b"):  # each on top of the paper config
-        config = tgrpo.C.configure(dict(vars(tgrpo)), ["configs/tgrpo_paper.py", f"configs/tgrpo_{name}.py"])
+        config = tgrpo.common.configure(dict(vars(tgrpo)), ["configs/tgrpo_paper.py", f"configs/tgrpo_{name}.py"])
         assert config["lora_rank"] == 64 and config["out_dir"] == f"out/tgrpo_{name}" and lifecycle.lora_config(config)
     for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--bonus_to=x", "--loss_norm=x"):
         result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
@@ -294,8 +302,10 @@ def test_the_bonus_acts_only_in_the_variants_on_binary_groups(monkeypatch, bonus
     monkeypatch.setattr(tgrpo, "scale_rewards", scale)
     record = {"solution": "<answer>B</answer>", "problem_type": "multiple choice"}
     right, wrong = "<think>x</think><answer>B</answer>", "<think>x</think><answer>C</answer>"
-    examples, rows = [(record, None, None, object())], [(0, False)] * 4 + [(0, True)] * 2
-    _, _, advantages, stats = tgrpo.score(examples, rows, [right, right, wrong, wrong, wrong, wrong], [5] * 6)
+    examples = [data.Example(record, None, None, object())]
+    rows = [tgrpo.Row(0, False)] * 4 + [tgrpo.Row(0, True)] * 2
+    scores = tgrpo.score(examples, rows, [right, right, wrong, wrong, wrong, wrong], [5] * 6)
+    stats = tgrpo.step_stats(scores, rows, [5] * 6)
     assert stats["bonus_granted"] == [1.0] and (stats["advantage_change"][0] > 0.1) == acts
     assert stats["advantage_change"][0] < 1e-4 or acts
 

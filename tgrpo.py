@@ -1,233 +1,456 @@
-"""T-GRPO (Video-R1, eq. 1-4): GRPO whose reward pays a bonus when the policy answers better on frames in order
-than on the same frames shuffled, so that it learns to rely on temporal order.
+"""T-GRPO (Video-R1, eq. 1-4): GRPO whose reward pays a bonus when the policy answers better on
+frames in order than on the same frames shuffled, so that it learns to rely on temporal order.
 
-    python tgrpo.py                                  # tiny SFT model (out/sft), synthetic RL set, CPU, minutes
-    python tgrpo.py --temporal=False                 # plain GRPO: the paper's ablation
-    torchrun --nproc_per_node 8 tgrpo.py configs/tgrpo_paper.py     # Qwen2.5-VL-7B, Video-R1-260k, ZeRO-3
+    python tgrpo.py                   # tiny SFT model (out/sft), synthetic RL set, CPU, minutes
+    python tgrpo.py --temporal=False  # plain GRPO: the paper's ablation
+    # Qwen2.5-VL-7B, Video-R1-260k, ZeRO-3:
+    torchrun --nproc_per_node 8 tgrpo.py configs/tgrpo_paper.py
 
 One step, per prompt q of the batch (images and videos mixed):
-  roll out G responses o_i on the ordered clip and G~ on the shuffled clip (videos only), all rows of the batch in
-  ONE generate call, each distinct clip encoded once;
-  r_i  = accuracy_i + format_i (+ length bonus)
-  p, p~ = share of correct ordered / shuffled responses;  r_t = alpha if p >= mu * p~ else 0          (eq. 1)
-  R_i  = r_i + r_t if o_i is correct else r_i                                                          (eq. 2)
-  A_i  = (R_i - mean R) / (std R + eps) over the G ordered responses                                   (eq. 3)
-  J    = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) - beta * KL_k3(pi || pi_ref) ]  (eq. 4)
+  roll out G responses o_i on the ordered clip and G~ on the shuffled clip (videos only), all rows
+  of the batch in ONE generate call, each distinct clip encoded once;
+  r_i   = accuracy_i + format_i (+ length bonus)
+  p, p~ = share of correct ordered / shuffled responses
+  r_t   = alpha if p >= mu * p~ else 0                                                (eq. 1)
+  R_i   = r_i + r_t if o_i is correct else r_i                                        (eq. 2)
+  A_i   = (R_i - mean R) / (std R + eps) over the G ordered responses                 (eq. 3)
+  J     = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i)
+                       - beta * KL_k3(pi || pi_ref) ]                                 (eq. 4)
 Contrast (shuffled) responses only measure p~; they never enter the loss.
 
-Departures, each a config value or fixed, with the official code's choices: DETAILS.md, "Paper vs official code".
-Eq. 4 runs per token, as GRPO/TRL and the official code do: the paper's one ratio per sequence, a product of
-hundreds, would saturate the clip on long responses. With 0/1 accuracies and one format reward per group eq. 3's std
-division cancels the bonus (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
+Departures, each a config value or fixed, with the official code's choices: DETAILS.md, "Paper vs
+official code". Eq. 4 runs per token, as GRPO/TRL and the official code do: the paper's one ratio
+per sequence, a product of hundreds, would saturate the clip on long responses. With 0/1
+accuracies and one format reward per group eq. 3's std division cancels the bonus
+(tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
 """
 import contextlib
 import os
 import sys
 import time
+from typing import NamedTuple
 import numpy as np
 import torch
-import common as C
+import common
 import data
 import lifecycle
-import model as M
+import model
 import rewards
 
 # ----------------------------------------------------------------------------- config
-init_from = "out/sft"                # SFT checkpoint: a step_N folder or a run folder with `latest`
-data_dir = "out/synthetic"           # the built-in synthetic task (python synthetic.py out/synthetic)
-train_json = ""                      # "" -> data_dir/rl.json
-media_root = ""                      # "" -> the JSON's folder
+init_from = "out/sft"       # SFT checkpoint: a step_N folder or a run folder with `latest`
+data_dir = "out/synthetic"  # the built-in synthetic task (python synthetic.py out/synthetic)
+train_json = ""             # "" -> data_dir/rl.json
+media_root = ""             # "" -> the JSON's folder
 out_dir = "out/tgrpo"
-seed = 0                             # all randomness of step s on rank r derives from (seed, s, r)
-max_steps = 120                      # ~2 min on 2 CPU cores for the default run
-batch_size = 4                       # prompts per device per step
-num_generations = 8                  # G: ordered rollouts per prompt (paper: 8); a group of 1 has no advantage
-num_contrast = 4                     # G~: contrast rollouts per video prompt (paper: G/2); 0: none
-temporal = True                      # False: plain GRPO, no temporal reward (the contrast rollouts still measure p~)
-temporal_rule = "paper"              # "paper" or "official" (rewards.temporal_bonus)
-alpha = 0.3                          # temporal reward (eq. 1)
-mu = 1.0                             # p >= mu * p~ (paper 1.0, official 0.8)
-correct_threshold = 0.5              # accuracy counted as correct, by both bonuses (paper >= 0.5, official > 0.1)
-bonus_to = "reward"                  # where r_t goes: "reward" (eq. 2, paper) or "advantage" (added to A_i)
-scale_rewards = True                 # eq. 3 divides by the group's std; False: A_i = R_i - mean R (Dr. GRPO)
-length_bonus = False                 # the paper's +0.2 for correct responses of 320-512 tokens
-length_rule = "paper"                # "official": only when >= 2 responses of the group are correct
-beta = 0.04                          # KL weight (paper)
-epsilon = 0.2                        # PPO clip range
-num_iterations = 1                   # updates per rollout batch; > 1 makes the clip act
-loss_norm = "sequence"               # "sequence" (official) or "token"
-max_new_tokens = 64                  # paper scale: 768
-max_prompt_tokens = 1024             # a longer prompt is a bad record (synthetic prompts: <= 250; paper scale 16384)
-temperature = 1.0                    # rollout sampling
+seed = 0                    # all randomness of step s on rank r derives from (seed, s, r)
+max_steps = 120             # ~2 min on 2 CPU cores for the default run
+batch_size = 4              # prompts per device per step
+# G: ordered rollouts per prompt (paper: 8); a group of 1 has no advantage
+num_generations = 8
+num_contrast = 4            # G~: contrast rollouts per video prompt (paper: G/2); 0: none
+# False: plain GRPO, no temporal reward (the contrast rollouts still measure p~)
+temporal = True
+temporal_rule = "paper"     # "paper" or "official" (rewards.temporal_bonus)
+alpha = 0.3                 # temporal reward (eq. 1)
+mu = 1.0                    # p >= mu * p~ (paper 1.0, official 0.8)
+# accuracy counted as correct, by both bonuses (paper >= 0.5, official > 0.1)
+correct_threshold = 0.5
+bonus_to = "reward"         # where r_t goes: "reward" (eq. 2, paper) or "advantage" (added to A_i)
+scale_rewards = True        # eq. 3 divides by the group's std; False: A_i = R_i - mean R (Dr. GRPO)
+length_bonus = False        # the paper's +0.2 for correct responses of 320-512 tokens
+length_rule = "paper"       # "official": only when >= 2 responses of the group are correct
+beta = 0.04                 # KL weight (paper)
+epsilon = 0.2               # PPO clip range
+num_iterations = 1          # updates per rollout batch; > 1 makes the clip act
+loss_norm = "sequence"      # "sequence" (official) or "token"
+max_new_tokens = 64         # paper scale: 768
+# a longer prompt is a bad record (synthetic prompts: <= 250; paper scale 16384)
+max_prompt_tokens = 1024
+temperature = 1.0           # rollout sampling
 top_p = 1.0
-lr = 5e-5                            # paper scale: 1e-6
+lr = 5e-5                   # paper scale: 1e-6
 warmup_steps = 0
-min_lr_ratio = 1.0                   # 1.0: constant lr after warmup
+min_lr_ratio = 1.0          # 1.0: constant lr after warmup
 weight_decay = 0.01
 grad_clip = 5.0
-fps = 2.0                            # frame sampling and pixel limits (the paper's training values at paper scale)
+# frame sampling and pixel limits (the paper's training values at paper scale)
+fps = 2.0
 min_frames = 4
 max_frames = 16
 min_pixels = 4 * 28 * 28
 max_pixels = 128 * 28 * 28
-skip_bad = False                     # True: a bad record, clip or prompt is skipped and counted
+skip_bad = False            # True: a bad record, clip or prompt is skipped and counted
 log_interval = 1
-sample_interval = 10                 # print and save a few episodes every N steps
+sample_interval = 10        # print and save a few episodes every N steps
 ckpt_interval = 60
 resume = False
-keep_checkpoints = 0                 # the newest N checkpoints keep optimizer state; 0: all do
-keep_weights = True                  # older checkpoints keep their HF weights (False: deleted)
-run_steps = 0                        # stop this process after N steps (0: to max_steps)
-threads = 1                          # CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
-attn = C.ATTN                        # "flash_attention_2" where flash_attn is installed, else "sdpa"
+keep_checkpoints = 0        # the newest N checkpoints keep optimizer state; 0: all do
+keep_weights = True         # older checkpoints keep their HF weights (False: deleted)
+run_steps = 0               # stop this process after N steps (0: to max_steps)
+# CPU threads; 1 repeats bit for bit on any CPU count (0: torch's choice)
+threads = 1
+attn = common.ATTN          # "flash_attention_2" where flash_attn is installed, else "sdpa"
 grad_ckpt = False
-lora_rank = 0                        # > 0: train LoRA adapters of this rank (peft), base frozen; 0: full fine-tuning
-lora_alpha = 32                      # adapter scale alpha / rank
-lora_dropout = 0.0                   # > 0 draws masks from the global RNG, which checkpoints omit: resume not bit-exact
-lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # name suffixes, language model only
-lora_merger = False                  # LoRA: also train the vision merger (the vision tower stays frozen)
-deepspeed = ""                       # configs/ds_zero3.json at paper scale
+# > 0: train LoRA adapters of this rank (peft), base frozen; 0: full fine-tuning
+lora_rank = 0
+lora_alpha = 32             # adapter scale alpha / rank
+# > 0 draws masks from the global RNG, which checkpoints omit: resume not bit-exact
+lora_dropout = 0.0
+# name suffixes, language model only
+lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+lora_merger = False         # LoRA: also train the vision merger (the vision tower stays frozen)
+deepspeed = ""              # configs/ds_zero3.json at paper scale
 # -----------------------------------------------------------------------------
-config = C.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [], choices=dict(
-    temporal_rule=tuple(rewards.RULES), length_rule=tuple(rewards.RULES), bonus_to=rewards.BONUS_TO,
-    loss_norm=("sequence", "token"), attn=M.ATTENTION, batch_size=range(1, 2**16), num_generations=range(2, 2**16)))
-KL_LOG_RATIO_CLAMP = 10.0            # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
+# config files and --key=value from the command line (a test or bench.py importing this: defaults)
+argv = sys.argv[1:] if __name__ == "__main__" else []
+choices = dict(temporal_rule=tuple(rewards.RULES),
+               length_rule=tuple(rewards.RULES),
+               bonus_to=rewards.BONUS_TO,
+               loss_norm=("sequence", "token"),
+               attn=model.ATTENTION,
+               batch_size=range(1, 2**16),
+               num_generations=range(2, 2**16))
+config = common.configure(globals(), argv, choices)
+# official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
+KL_LOG_RATIO_CLAMP = 10.0
+
+
+class Row(NamedTuple):
+    """One rollout row: a response to examples[prompt], on its ordered or shuffled clip."""
+    prompt: int     # the index of its example in the step's list
+    contrast: bool  # True: the shuffled clip, a row that only measures p~
+
+
+class Rollout(NamedTuple):
+    """One step's rollouts on this rank: every row of every prompt in one batch."""
+    examples: list       # data.Example per record loaded
+    rows: list           # Row per response: G per prompt, then G~ per video prompt
+    batch: model.PromptBatch | None  # one prompt per row (None without examples)
+    ids: torch.Tensor    # (B, T) completion ids, padded after a row's stop token
+    mask: torch.Tensor   # (B, T) 1 on the tokens up to and including the stop
+    skipped: int         # records that skip_bad skipped
+
 
 def rollout(policy, records, tokenizer, step, device):
-    """Generate G ordered rollouts per prompt and G~ contrast ones per video prompt, in one batched call.
-    Returns the examples kept, the rows (prompt index, is_contrast), the prompt batch and the completions."""
-    rng = np.random.default_rng([seed, step, C.RANK])
-    examples, skipped = data.load_examples(records, tokenizer, config, rng if num_contrast else None)
-    clips, encoded, row_clip, rows = [], [], [], []
-    for i, (_, prompt, clip, contrast_clip) in enumerate(examples):
-        for this_clip, n, is_contrast in ((clip, num_generations, False), (contrast_clip, num_contrast, True)):
-            if this_clip is not None:  # a contrast clip exists only for a video, and only when num_contrast > 0
-                clips.append(this_clip)
-                encoded += [prompt] * n
-                row_clip += [len(clips) - 1] * n
-                rows += [(i, is_contrast)] * n
+    """G ordered responses per prompt and G~ contrast ones per video prompt, in one generate
+    call."""
+    # the step's random draws, in order: the contrast shuffles, then the sampling generator's seed
+    rng = np.random.default_rng([seed, step, common.RANK])
+    contrast_rng = None
+    if num_contrast:
+        contrast_rng = rng
+    examples, skipped = data.load_examples(records, tokenizer, config, contrast_rng)
+
+    # the rows: G see the clip in order, G~ the shuffled one; a clip is encoded once for its rows
+    clips = []
+    encoded = []
+    row_clip = []
+    rows = []
+    for i, example in enumerate(examples):
+        views = ((example.clip, num_generations, False),
+                 (example.contrast_clip, num_contrast, True))
+        for clip, n, contrast in views:
+            # a contrast clip exists only for a video, and only when num_contrast > 0
+            if clip is None:
+                continue
+            clips.append(clip)
+            for _ in range(n):
+                encoded.append(example.prompt)
+                row_clip.append(len(clips) - 1)
+                rows.append(Row(i, contrast))
+    # every record of this rank failed: no rows (update_batch gives the placeholder)
     if not examples:
-        return examples, rows, None, None, None, skipped
-    batch = M.collate_prompts(encoded, clips, tokenizer.pad_token_id, M.unwrap(policy).config, device, row_clip)
-    generator = torch.Generator(device).manual_seed(int(rng.integers(2**C.SEED_BITS)))
-    ids, mask = M.generate(policy, batch, max_new_tokens, M.stop_ids(tokenizer), tokenizer.pad_token_id,
-                           temperature, top_p, generator)
-    return examples, rows, batch, ids, mask, skipped
+        no_tokens = torch.zeros(0, 0, dtype=torch.long, device=device)  # (0, 0)
+        return Rollout(examples, rows, None, no_tokens, no_tokens, skipped)
+
+    # one generate call for all rows
+    net_config = model.unwrap(policy).config
+    pad_id = tokenizer.pad_token_id
+    batch = model.collate_prompts(encoded, clips, pad_id, net_config, device, row_clip)
+    generator = torch.Generator(device).manual_seed(int(rng.integers(2**common.SEED_BITS)))
+    stop_ids = model.stop_ids(tokenizer)
+    ids, mask = model.generate(policy, batch, max_new_tokens, stop_ids, pad_id,
+                               temperature, top_p, generator)  # (B, T) each
+    return Rollout(examples, rows, batch, ids, mask, skipped)
+
 
 def ordered_rows(rows):
-    """Indices of the ordered rows, the only ones the loss and the logged rewards see (contrast rows measure p~)."""
-    return [b for b, (_, is_contrast) in enumerate(rows) if not is_contrast]
+    """Indices of the ordered rows, the only ones the loss and the logged rewards see (contrast rows
+    measure p~)."""
+    return [b for b, row in enumerate(rows) if not row.contrast]
+
+
+class Scores(NamedTuple):
+    """score's results. Per row (B,): a contrast row has an accuracy (for p~) and zeros elsewhere.
+    Per group: the temporal ones for each video prompt with contrast rows, in prompt order."""
+    accuracy: np.ndarray        # (B,) accuracy_i
+    format: np.ndarray          # (B,) format_i
+    length_bonus: np.ndarray    # (B,) the length bonus, when length_bonus is on
+    temporal_bonus: np.ndarray  # (B,) r_t as paid (eq. 2); 0 in plain GRPO
+    reward: np.ndarray          # (B,) R_i (eq. 2), wherever bonus_to sends r_t
+    advantages: np.ndarray      # (B,) A_i (eq. 3)
+    p: list                     # per video group: the share of correct ordered responses
+    p_contrast: list            # per video group: the share of correct shuffled ones, p~
+    bonus_granted: list         # per video group: 1.0 where eq. 1 grants r_t, else 0.0
+    advantage_change: list      # per prompt: the mean |A_i - A_i without r_t| (rewards.advantages)
+
 
 def score(examples, rows, texts, lengths):
-    """Per row: the accuracy (contrast rows too), and the reward R_i and advantage A_i of ordered rows, one group per
-    prompt; and the step's statistics, the temporal ones over video prompts (all empty without rollouts)."""
-    accuracy = np.array([rewards.accuracy_reward(texts[b], examples[i][0]["solution"], examples[i][0]["problem_type"])
-                         for b, (i, _) in enumerate(rows)])
-    fmt = np.array([rewards.format_reward(text) for text in texts])
-    length, bonus, total, advantages = (np.zeros(len(rows)) for _ in range(4))
-    stats = {k: [] for k in ("p", "p_contrast", "bonus_granted", "advantage_change")} | {"response_length": lengths}
-    for i, (_, _, _, contrast_clip) in enumerate(examples):
-        group = [b for b, row in enumerate(rows) if row == (i, False)]
+    """The rewards R_i and advantages A_i of the ordered rows, one group per prompt (eq. 1-3)."""
+    accuracy = []
+    for b, row in enumerate(rows):
+        record = examples[row.prompt].record
+        row_accuracy = rewards.accuracy_reward(texts[b], record["solution"], record["problem_type"])
+        accuracy.append(row_accuracy)
+    accuracy = np.array(accuracy)  # (B,)
+    fmt = np.array([rewards.format_reward(text) for text in texts])  # (B,)
+    length = np.zeros(len(rows))
+    bonus = np.zeros(len(rows))
+    total = np.zeros(len(rows))
+    advantages = np.zeros(len(rows))
+    p = []
+    p_contrast = []
+    bonus_granted = []
+    advantage_change = []
+    for i, example in enumerate(examples):
+        group = [b for b, row in enumerate(rows) if row == Row(i, False)]
         if length_bonus:
-            length[group] = rewards.length_bonus(accuracy[group], [lengths[b] for b in group], length_rule,
+            group_lengths = [lengths[b] for b in group]
+            length[group] = rewards.length_bonus(accuracy[group], group_lengths, length_rule,
                                                  threshold=correct_threshold)
-        if contrast_clip is not None and num_contrast:  # a video with contrast rollouts: the temporal reward
-            contrast_rows = [b for b, row in enumerate(rows) if row == (i, True)]
-            paid, p, p_contrast, granted = rewards.temporal_bonus(accuracy[group], accuracy[contrast_rows],
-                                                                  temporal_rule, alpha, mu, correct_threshold)
-            bonus[group] = paid if temporal else 0.0  # plain GRPO: p and p~ are measured, for comparison, not paid
-            stats["p"].append(p)
-            stats["p_contrast"].append(p_contrast)
-            stats["bonus_granted"].append(float(granted))
+
+        # a video with contrast rollouts: the temporal reward r_t (eq. 1)
+        if example.contrast_clip is not None and num_contrast:
+            contrast_rows = [b for b, row in enumerate(rows) if row == Row(i, True)]
+            paid, p_i, p_contrast_i, granted = rewards.temporal_bonus(
+                accuracy[group], accuracy[contrast_rows],
+                temporal_rule, alpha, mu, correct_threshold)
+            if temporal:  # plain GRPO measures p and p~, for comparison, but pays nothing
+                bonus[group] = paid
+            p.append(p_i)
+            p_contrast.append(p_contrast_i)
+            bonus_granted.append(float(granted))
+
+        # the group's advantages (eq. 2-3), the bonus on the reward or on the advantage (bonus_to)
         base = accuracy[group] + fmt[group] + length[group]
-        advantages[group], change = rewards.advantages(base, bonus[group], bonus_to, scale_rewards)
-        total[group] = base + bonus[group]  # R_i of eq. 2, logged the same way wherever the bonus goes
-        stats["advantage_change"].append(change)
-    ordered = ordered_rows(rows)
-    for key, values in (("accuracy", accuracy), ("format", fmt), ("length_bonus", length), ("temporal_bonus", bonus),
-                        ("reward", total)):
-        stats[key] = values[ordered].tolist()
-    return accuracy, total, advantages, stats
+        group_advantages, change = rewards.advantages(base, bonus[group], bonus_to, scale_rewards)
+        advantages[group] = group_advantages
+        # R_i of eq. 2, logged the same way wherever the bonus goes
+        total[group] = base + bonus[group]
+        advantage_change.append(change)
+    return Scores(accuracy, fmt, length, bonus, total, advantages,
+                  p, p_contrast, bonus_granted, advantage_change)
+
+
+class UpdateBatch(NamedTuple):
+    """What one update trains on."""
+    batch: model.PromptBatch   # N prompts
+    ids: torch.Tensor          # (N, T) completion ids
+    mask: torch.Tensor         # (N, T) 1 on the tokens the loss counts
+    advantages: torch.Tensor   # (N,) A_i
+    placeholder: bool          # True: no response of this rank, a placeholder row at zero loss
+
+
+def update_batch(policy, out, advantages, device):
+    """The ordered rows of a rollout, with their advantages A_i: the loss never sees a contrast row.
+
+    A rank whose records all failed has no rows. It trains on a placeholder row instead, at zero
+    advantage and zero loss, so that its collectives (the gradient average, ZeRO's gathers) stay in
+    step with the other ranks'; `placeholder` tells the log that its loss measures nothing."""
+    keep = ordered_rows(out.rows)
+    if not keep:
+        batch, ids, mask = lifecycle.placeholder_batch(policy, device)
+        return UpdateBatch(batch, ids, mask, torch.zeros(1, device=device), placeholder=True)
+    advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)  # (N,)
+    return UpdateBatch(out.batch.select(keep), out.ids[keep], out.mask[keep], advantages,
+                       placeholder=False)
+
 
 def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     """Eq. 4 as a loss to minimise. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,)."""
-    ratio = torch.exp(logp - old_logp)                                             # (N, T) pi / pi_old
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
-    surrogate = torch.min(ratio * advantages[:, None], clipped * advantages[:, None])  # (N, T)
-    log_ref_ratio = torch.clamp(ref_logp - logp, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # (N, T) log pi_ref/pi
-    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1                              # (N, T) k3, >= 0
-    per_token = -(surrogate - beta * kl)                                           # (N, T)
+    adv = advantages[:, None]  # (N, 1): one per response, for each of its tokens
+
+    # the clipped surrogate, per token
+    ratio = torch.exp(logp - old_logp)  # (N, T) pi / pi_old
+    unclipped = ratio * adv  # (N, T)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv  # (N, T)
+    surrogate = torch.min(unclipped, clipped)  # (N, T)
+
+    # the KL penalty: Schulman's k3 estimator of KL(pi || pi_ref), >= 0
+    log_ref_ratio = ref_logp - logp  # (N, T) log pi_ref / pi
+    log_ref_ratio = torch.clamp(log_ref_ratio, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (N, T)
+
+    # the mean over a response's tokens, then over responses ("sequence"); or over all tokens
+    per_token = -(surrogate - beta * kl)  # (N, T)
+    masked = per_token * mask  # (N, T)
     if loss_norm == "sequence":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        response_lengths = mask.sum(1).clamp(min=1)  # (N,)
+        loss = (masked.sum(1) / response_lengths).mean()
     else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    # a token is clipped when the clip bound, not the ratio, sets the surrogate (no gradient flows there)
-    is_clipped = (ratio * advantages[:, None] > clipped * advantages[:, None]).float()
+        loss = masked.sum() / mask.sum().clamp(min=1)
+
+    # a token is clipped when the clip bound, not the ratio, sets the surrogate (no gradient there)
+    is_clipped = (unclipped > clipped).float()  # (N, T)
     tokens = mask.sum().clamp(min=1)
-    return loss, {"kl": ((kl * mask).sum() / tokens).item(),
-                  "clip_fraction": ((is_clipped * mask).sum() / tokens).item()}
+    mean_kl = (kl * mask).sum() / tokens
+    clip_fraction = (is_clipped * mask).sum() / tokens
+    return loss, {"kl": mean_kl.item(), "clip_fraction": clip_fraction.item()}
+
 
 def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now):
-    """num_iterations updates on one set of rollouts; returns the last one's loss statistics and grad norm. Policy,
-    old policy and reference share one precision (M.autocast): the first ratio is 1, the KL to equal weights 0."""
-    with torch.no_grad():
-        with M.lora_of(ref).disable_adapter() if ref is policy else contextlib.nullcontext():  # LoRA: no copy
-            ref_logp = M.completion_logprobs(ref, batch, ids, mask) if beta else None
-        old_logp = M.completion_logprobs(policy, batch, ids, mask) if num_iterations > 1 else None
+    """num_iterations updates on one set of rollouts; returns the last one's loss statistics and
+    grad norm. Policy, old policy and reference share one precision (model.autocast): the first
+    ratio is 1, the KL to equal weights 0."""
+    # the reference pi_ref. Under LoRA it is the same model with its adapters off: no second copy
+    ref_logp = None
+    if beta:
+        adapters_off = contextlib.nullcontext()
+        if ref is policy:
+            adapters_off = model.lora_of(ref).disable_adapter()
+        with torch.no_grad(), adapters_off:
+            ref_logp = model.completion_logprobs(ref, batch, ids, mask)  # (N, T)
+
+    # pi_old, the policy that generated the rollouts, as it was before this step's updates
+    old_logp = None
+    if num_iterations > 1:
+        with torch.no_grad():
+            old_logp = model.completion_logprobs(policy, batch, ids, mask)  # (N, T)
+
     for _ in range(num_iterations):
-        logp = M.completion_logprobs(policy, batch, ids, mask)
-        # one update per rollout: pi_old == pi, so the ratio is exactly 1 (value) with the policy gradient (grad)
-        loss, stats = tgrpo_loss(logp, logp.detach() if old_logp is None else old_logp,
-                                 logp.detach() if ref_logp is None else ref_logp, advantages, mask.float())
+        logp = model.completion_logprobs(policy, batch, ids, mask)  # (N, T)
+        # one update per rollout: pi_old == pi, and pi_old = logp.detach() makes the ratio exactly 1
+        # in value while the policy gradient flows through logp
+        old = old_logp
+        if old is None:
+            old = logp.detach()
+        # beta = 0: no reference; pi itself stands in, at a KL of 0
+        reference = ref_logp
+        if reference is None:
+            reference = logp.detach()
+        loss, stats = tgrpo_loss(logp, old, reference, advantages, mask.float())
         opt.backward(loss)
         grad_norm = opt.step(lr_now)
     return {"loss": loss.item(), **stats, "grad_norm": grad_norm}
 
+
+def step_stats(scores, rows, lengths):
+    """A step's statistics on this rank, as lists to average: the reward terms of the ordered rows,
+    the temporal measurements per video group, the advantage change per prompt, the response lengths
+    (contrast rows too). Every list is empty on a rank without rollouts."""
+    ordered = ordered_rows(rows)
+    stats = {"p": scores.p,
+             "p_contrast": scores.p_contrast,
+             "bonus_granted": scores.bonus_granted,
+             "advantage_change": scores.advantage_change,
+             "response_length": lengths}
+    for key in ("accuracy", "format", "length_bonus", "temporal_bonus", "reward"):
+        stats[key] = getattr(scores, key)[ordered].tolist()
+    return stats
+
+
+def mean(values):
+    """A rank's mean of one statistic; NaN when it has no values (a step without a video prompt
+    has no p), which mean_over_ranks leaves out."""
+    if not len(values):
+        return float("nan")
+    return float(np.mean(values))
+
+
+def log_samples(samples, step, out, texts, scores):
+    """The first episode (ordered) and the last (for a video, a contrast one) of a rank's step."""
+    indices = list(range(len(out.rows)))
+    for b in indices[:1] + indices[-1:]:  # none on a rank without rollouts
+        row = out.rows[b]
+        record = out.examples[row.prompt].record
+        reward = None  # a contrast response has no reward of its own: it only measures p~
+        if not row.contrast:
+            reward = float(scores.reward[b])
+        episode = {"step": step,
+                   "problem": record["problem"],
+                   "solution": record["solution"],
+                   "contrast": row.contrast,
+                   "response": texts[b],
+                   "accuracy": float(scores.accuracy[b]),
+                   "reward": reward}
+        common.log_metrics(samples, episode, True)
+
+
 if __name__ == "__main__":
-    device = C.setup_distributed(threads, seed)
-    train, bad = data.load_records(train_json or os.path.join(data_dir, "rl.json"), media_root or None, skip_bad)
-    init = C.latest_checkpoint(init_from) or init_from
+    device = common.setup_distributed(threads, seed)
+    rl_json = train_json or os.path.join(data_dir, "rl.json")
+    train, bad = data.load_records(rl_json, media_root or None, skip_bad)
+    init = common.latest_checkpoint(init_from) or init_from
     policy, tokenizer, opt, start = lifecycle.start_training(config, init, device)
-    # the KL reference: with LoRA the policy itself, adapters disabled (train_step); else a frozen copy of the start
-    ref = (policy if lora_rank else lifecycle.frozen_reference(init, policy, deepspeed, attn)) if beta else None
-    C.print0(f"T-GRPO from {init}: {len(train)} prompts ({bad} bad skipped), temporal={temporal} "
-             f"rule={temporal_rule}, G={num_generations} G~={num_contrast}, start at step {start}")
-    log, samples = (C.open_log(os.path.join(out_dir, name), start) for name in ("metrics.jsonl", "samples.jsonl"))
-    stop, skipped_total = min(max_steps, start + run_steps) if run_steps else max_steps, 0
+    # the KL reference: under LoRA the policy itself, adapters off (train_step); else a frozen copy
+    ref = None
+    if beta and lora_rank:
+        ref = policy
+    elif beta:
+        ref = lifecycle.frozen_reference(init, policy, deepspeed, attn)
+    common.print0(f"T-GRPO from {init}: {len(train)} prompts ({bad} bad skipped), "
+                  f"temporal={temporal} rule={temporal_rule}, "
+                  f"G={num_generations} G~={num_contrast}, start at step {start}")
+    log = common.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
+    samples = common.open_log(os.path.join(out_dir, "samples.jsonl"), start)
+    stop = max_steps
+    if run_steps:
+        stop = min(max_steps, start + run_steps)
+    skipped_total = 0
+
     for step in range(start, stop):
-        t0, lr_now = time.time(), C.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
+        t0 = time.time()
+        lr_now = common.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
+
+        # rollout: G ordered (and G~ shuffled) responses per prompt of this rank's share of the data
         policy.eval()
-        records_now = data.epoch_slice(train, (step * C.WORLD + C.RANK) * batch_size, batch_size, seed)
-        with C.generation_phase(policy):  # entered by every rank, even one whose clips all failed
-            examples, rows, batch, ids, mask, skipped = rollout(policy, records_now, tokenizer, step, device)
+        first = (step * common.WORLD + common.RANK) * batch_size
+        records_now = data.epoch_slice(train, first, batch_size, seed)
+        # every rank enters the generation phase, even one whose clips all failed
+        with common.generation_phase(policy):
+            out = rollout(policy, records_now, tokenizer, step, device)
         rollout_time = time.time() - t0
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if examples else []  # past a stop: pad
-        lengths = mask.sum(1).tolist() if examples else []
-        accuracy, reward_per_row, advantages, stats = score(examples, rows, texts, lengths)
+        texts = tokenizer.batch_decode(out.ids, skip_special_tokens=True)  # past a stop: pad
+        lengths = out.mask.sum(1).tolist()
+
+        # score: rewards and advantages, one group per prompt
+        scores = score(out.examples, out.rows, texts, lengths)
+
+        # select the ordered rows, their prompts sharing clips (a rank without data: a placeholder)
+        chosen = update_batch(policy, out, scores.advantages, device)
+
+        # update
         policy.train()
-        if examples:  # the ordered rows only (the loss never sees contrast ones), their prompts sharing clips
-            keep = ordered_rows(rows)
-            sub, sub_ids, sub_mask = batch.select(keep), ids[keep], mask[keep]
-            advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)
-        else:  # every clip of this rank failed: a placeholder row keeps its collectives in step, at zero loss
-            (sub, sub_ids, sub_mask), advantages = lifecycle.placeholder_batch(policy, device), torch.zeros(1, device=device)
-        update = train_step(opt, policy, ref, sub, sub_ids, sub_mask, advantages, lr_now)
-        update = {k: v if examples or k == "grad_norm" else float("nan") for k, v in update.items()}
-        local = {k: float(np.mean(v)) if len(v) else float("nan") for k, v in stats.items()}
-        local |= {**update, "skipped": float(skipped), "rollout_tokens_per_s": float(sum(lengths)) / rollout_time}
-        metrics = {"step": step + 1, **C.mean_over_ranks(local, device, sums=("skipped", "rollout_tokens_per_s")),
-                   "lr": lr_now, "step_time": time.time() - t0, "skipped_at_load": bad}
+        update = train_step(opt, policy, ref,
+                            chosen.batch, chosen.ids, chosen.mask, chosen.advantages, lr_now)
+
+        # log: this rank's means, averaged over ranks (the counts summed)
+        # a placeholder's loss measures nothing; grad_norm does (taken after the ranks' average)
+        if chosen.placeholder:
+            update = {key: float("nan") for key in update} | {"grad_norm": update["grad_norm"]}
+        local = {key: mean(values) for key, values in step_stats(scores, out.rows, lengths).items()}
+        local |= update
+        local["skipped"] = float(out.skipped)
+        local["rollout_tokens_per_s"] = float(sum(lengths)) / rollout_time
+        summed = ("skipped", "rollout_tokens_per_s")
+        metrics = {"step": step + 1, **common.mean_over_ranks(local, device, sums=summed)}
+        metrics["lr"] = lr_now
+        metrics["step_time"] = time.time() - t0
+        metrics["skipped_at_load"] = bad
         skipped_total += metrics["skipped"]
-        if torch.cuda.is_available():  # this rank's peak so far, to check a memory plan against (README)
+        # this rank's peak so far, to check a memory plan against (README)
+        if torch.cuda.is_available():
             metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        C.log_metrics(log, metrics, (step + 1) % log_interval == 0)
-        if log and (step + 1) % sample_interval == 0 and examples:
-            for b in (0, len(rows) - 1):  # an ordered and (for a video) a contrast episode
-                record = examples[rows[b][0]][0]
-                C.log_metrics(samples, {"step": step + 1, "problem": record["problem"], "solution": record["solution"],
-                                        "contrast": rows[b][1], "response": texts[b], "accuracy": float(accuracy[b]),
-                                        "reward": None if rows[b][1] else float(reward_per_row[b])}, True)
+        common.log_metrics(log, metrics, (step + 1) % log_interval == 0)
+        if log and (step + 1) % sample_interval == 0:
+            log_samples(samples, step + 1, out, texts, scores)
+
+        # checkpoint
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            C.print0("checkpoint:", lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config))
-    C.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, {skipped_total:g} examples in steps")
-    C.finish()
+            folder = lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config)
+            common.print0("checkpoint:", folder)
+
+    common.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, "
+                  f"{skipped_total:g} examples in steps")
+    common.finish()
