@@ -112,7 +112,7 @@ def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[lis
     for i, rec in enumerate(raw):
         problem = _check_record(rec, required)
         if problem is not None:
-            _skip(DataError(f"{json_path} record {i}: {problem}"), skip_bad)
+            _skip(DataError(f"{record_name(json_path, i, rec)}: {problem}"), skip_bad)
         else:
             path = os.path.abspath(os.path.join(root, rec["path"]))
             records.append(dict(rec, path=path, index=i, json=json_path))
@@ -123,6 +123,14 @@ def load_records(json_path, root=None, skip_bad=False, required=()) -> tuple[lis
             reason = f"all {len(raw)} were bad and skipped"
         raise DataError(f"{json_path}: no records to use: {reason}")
     return records, len(raw) - len(records)
+
+def record_name(json_path, index, rec) -> str:
+    """How messages name a record: its file and list index, and its problem_id where it has one
+    (how users find it in a 260k-record file; the index is only a position)."""
+    name = f"{json_path} record {index}"
+    if isinstance(rec, dict) and "problem_id" in rec:
+        name += f" (problem_id {rec['problem_id']!r:.40})"
+    return name
 
 def _skip(err, skip_bad):
     """The one path of a bad record or example: skipped with a line on stderr under skip_bad, else
@@ -367,4 +375,5 @@ def load_example(record, tokenizer, config, contrast_rng=None):
         prompt = encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"])
         return prompt, clip, contrast_clip
     except DataError as err:
-        raise DataError(f"{record['json']} record {record['index']}: {err}") from err
+        name = record_name(record["json"], record["index"], record)
+        raise DataError(f"{name}: {err}") from err

@@ -97,6 +97,7 @@ def test_bad_record_names_file_record_and_field(tmp_path, change, field):
     with pytest.raises(DataError) as err:
         data.load_records(path)
     assert "rl.json" in str(err.value) and "record 1" in str(err.value) and f"'{field}'" in str(err.value)
+    assert "rl.json record 1 (problem_id 1): " in str(err.value)  # how users find it in a 260k-record file
 
 
 def test_skip_bad_counts_and_warns(tmp_path, capsys):
@@ -108,6 +109,13 @@ def test_skip_bad_counts_and_warns(tmp_path, capsys):
     assert skipped == 2 and [r["index"] for r in records] == [1, 3]
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2 and "record 0" in warnings[0] and "record 2" in warnings[1]
+    assert "record 0 (problem_id 1): " in warnings[0] and "record 2: " in warnings[1]  # 7 has no problem_id
+
+
+def test_problem_id_is_named_as_written(tmp_path):
+    records = [dict(good_records()[0], problem_id="tvqa-1601", data_type="audio"), good_records()[1]]
+    with pytest.raises(DataError, match=r"rl.json record 0 \(problem_id 'tvqa-1601'\): 'data_type'"):
+        data.load_records(write_json(tmp_path / "rl.json", records))
 
 
 def test_good_ground_truth_passes(tmp_path):
@@ -273,14 +281,16 @@ def test_load_example_errors_name_the_json_record_and_media(tmp_path, tokenizer)
     record = data.load_records(write_json(tmp_path / "rl.json", records))[0][1]
     config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
                   max_prompt_tokens=1000)
-    with pytest.raises(DataError, match=r"rl.json record 1: .*imgs/missing.png: image file not found"):
+    with pytest.raises(DataError,
+                       match=r"rl.json record 1 \(problem_id 2\): .*imgs/missing.png: image file not found"):
         data.load_example(record, tokenizer, config)
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(tmp_path / "imgs" / "missing.png")
     prompt, clip, _ = data.load_example(record, tokenizer, config)
     assert len(prompt[0]) < 1000
     record["problem"] = "How many dots? " * 400  # over max_prompt_tokens: a bad record, named
-    with pytest.raises(DataError, match=r"rl.json record 1: prompt of \d+ tokens exceeds max_prompt_tokens=1000"):
+    with pytest.raises(DataError,
+                       match=r"rl.json record 1 \(problem_id 2\): prompt of \d+ tokens exceeds max_prompt_tokens=1000"):
         data.load_example(record, tokenizer, config)
     examples, skipped = data.load_examples([record], tokenizer, config | {"skip_bad": True})
     assert examples == [] and skipped == 1
@@ -387,7 +397,7 @@ def test_sft_target(tmp_path):
     path = write_json(tmp_path / "cot.json", good_records())
     records, _ = data.load_records(path)
     assert data.sft_target(records[1]) == "<think>I count 3.</think>\n<answer>3</answer>"
-    with pytest.raises(DataError, match="cot.json record 0: 'process' missing"):  # SFT data needs the process
+    with pytest.raises(DataError, match=r"cot.json record 0 \(problem_id 1\): 'process' missing"):  # SFT needs it
         data.load_records(path, required=("process",))
     records, skipped = data.load_records(path, skip_bad=True, required=("process",))
     assert skipped == 1 and [r["index"] for r in records] == [1]

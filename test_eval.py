@@ -137,7 +137,8 @@ def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path)
                                "--max_prompt_tokens=1024")
     assert summary["samples"] == 6 and summary["failed"] == 2
     missing, long = summary["failures"]
-    assert missing["index"] == bad and f"{bench} record {bad}: " in missing["failed"]
+    named = f"{bench} record {bad} (problem_id {records[bad]['problem_id']}): "
+    assert missing["index"] == bad and named in missing["failed"]
     assert "missing.mp4" in missing["failed"] and "not found" in missing["failed"]
     assert long["index"] == bad + 1 and "tokens exceeds max_prompt_tokens=1024" in long["failed"]
     results = results_by_key(tmp_path / "out")
@@ -151,7 +152,8 @@ def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path)
     bench.write_text(json.dumps(records))  # a ground truth no answer can match: refused at load, named
     refused = run_eval(toy, tmp_path / "nan", f"--data={bench}", f"--media_root={data_dir}", check=False)
     assert refused.returncode != 0
-    assert f"{bench} record {bad}: 'solution' answer 'nan' is not a finite number" in refused.stderr
+    assert (f"{bench} record {bad} (problem_id {records[bad]['problem_id']}): 'solution' answer 'nan' is not a finite "
+            "number") in refused.stderr
 
 
 def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):

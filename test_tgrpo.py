@@ -233,10 +233,11 @@ def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
     assert all(m["skipped_at_load"] == 1 for m in metrics)  # the nan ground truth, at load
     assert f"done: steps 1-12; skipped 1 bad records at load, {skipped:g} examples in steps" in stdout[0]
     # without skip_bad the nan ground truth stops the run at load, naming file, record and field ...
-    with pytest.raises(AssertionError, match=f"{rl_json} record {len(records)}: 'solution' answer 'nan'"):
+    named = rf"{rl_json} record {len(records)} \(problem_id {nan_truth['problem_id']}\)"
+    with pytest.raises(AssertionError, match=f"{named}: 'solution' answer 'nan'"):
         run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
     rl_json.write_text(json.dumps(records))  # ... and a bad clip in a step, naming the JSON file, record and clip
-    with pytest.raises(AssertionError, match=f"{rl_json} record [01]: .*(gone|broken).mp4"):
+    with pytest.raises(AssertionError, match=rf"{rl_json} record [01] \(problem_id \d+\): .*(gone|broken).mp4"):
         run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
 
 
