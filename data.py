@@ -1,6 +1,7 @@
 """Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts
 and SFT targets."""
 import os
+import re
 import sys
 import json
 import math
@@ -52,6 +53,8 @@ MAX_VIDEO_FPS = 1000.0
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
 
 REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
+# an option's letter: "(A) ...", or "A" then ".", ")", ":", a space or the end
+_OPTION_LETTER_RE = re.compile(r"\s*(?:\(([A-Za-z])\)|([A-Za-z])(?:[.):\s]|$))")
 # one pad token per merged patch in the prompt
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -60,6 +63,19 @@ MM_TYPE = {IMAGE_PAD: 1, VIDEO_PAD: 2}  # mm_token_type_ids; every other token i
 class DataError(ValueError):
     """Every problem with the inputs (a bad record, a missing or undecodable media file); it names
     the file."""
+
+def option_letter(option) -> str | None:
+    """The letter an option is labelled with, or None. The forms real data uses:
+    "A. text" (Video-R1, most records), "A) text" (Video-R1-260k's ArxivQA records),
+    "A: text", "(A) text", "A text" (a letter, then a space) and "A" alone; leading spaces are
+    ignored. The option's text itself stays as written: the prompt shows it unchanged."""
+    match = _OPTION_LETTER_RE.match(option)
+    if match is None:
+        return None
+    # group 1: the "(A)" form; group 2: every other form
+    if match.group(1) is not None:
+        return match.group(1)
+    return match.group(2)
 
 def _check_record(rec, required) -> str | None:
     """The first problem with one record, or None when it is valid."""
@@ -81,8 +97,7 @@ def _check_record(rec, required) -> str | None:
         if not isinstance(opts, list) or not opts or not all(isinstance(o, str) for o in opts):
             return ("'options' must be a non-empty list of strings for a multiple choice problem, "
                     f"got {opts!r:.60}")
-        # Video-R1's options read "A. ..."
-        letters = [o.split(".")[0].strip() for o in opts]
+        letters = [option_letter(o) for o in opts]
         if answer not in letters:
             return (f"'solution' answer {answer!r:.60} is not one of the option letters of "
                     f"{opts!r:.80}")

@@ -86,6 +86,9 @@ BAD_CASES = [  # (change to the multiple choice record, the field the message mu
     (lambda r: r.update(problem_type="numerical", solution="3"), "solution"),  # no <answer> tag: the answer is ""
     (lambda r: r.update(solution="<answer>E</answer>"), "solution"),
     (lambda r: r.update(solution="<answer>B. right</answer>"), "solution"),
+    # options in another letter form: an answer outside them is still refused
+    (lambda r: r.update(options=["A) left", "B) right"], solution="<answer>C</answer>"), "solution"),
+    (lambda r: r.update(options=["left", "right"]), "solution"),  # no letters at all
 ]
 
 
@@ -116,6 +119,47 @@ def test_problem_id_is_named_as_written(tmp_path):
     records = [dict(good_records()[0], problem_id="tvqa-1601", data_type="audio"), good_records()[1]]
     with pytest.raises(DataError, match=r"rl.json record 0 \(problem_id 'tvqa-1601'\): 'data_type'"):
         data.load_records(write_json(tmp_path / "rl.json", records))
+
+
+@pytest.mark.parametrize("option,letter", [
+    ("A. left", "A"),                                       # Video-R1's usual form
+    ("D) It is used to focus the laser for the LDV", "D"),  # Video-R1-260k's ArxivQA records
+    ("B: right", "B"),
+    ("(C) up", "C"),
+    ("E down", "E"),
+    ("F", "F"),
+    ("  G. leading spaces", "G"),
+    ("a. lower case", "a"),
+    ("Apple", None),                                        # a word, not a letter
+    ("AB. two letters", None),
+    ("1. a number", None),
+    ("(AB) two letters", None),
+    ("", None),
+])
+def test_option_letter_forms(option, letter):
+    assert data.option_letter(option) == letter
+
+
+def test_arxivqa_options_load_and_reach_the_prompt_as_written(tmp_path):
+    """Shaped like problem_id 1 of Video-R1-260k (and of COT-165k): options "A) ...", answer "D"."""
+    options = ["A) It is used to focus the laser for the LDV", "B) It is used to split the beam",
+               "C) It is used to collimate the light", "D) It is used to image the vibrating surface"]
+    record = {"problem_id": 1, "problem": "What is the purpose of the lens in the setup?", "data_type": "image",
+              "problem_type": "multiple choice", "options": options, "process": "<think>...</think>",
+              "solution": "<answer>D</answer>", "path": "./Multimodal-R1/ArxivQA/images/1.jpg",
+              "data_source": "ArxivQA"}
+    records, skipped = data.load_records(write_json(tmp_path / "cot.json", [record]), required=("process",))
+    assert skipped == 0
+    text = data.question_text(records[0])
+    assert text.startswith(record["problem"] + "Options:\n" + "".join(o + "\n" for o in options) + "\n")
+    # scoring compares answer letters, as for "A. ..." options: the option text plays no part
+    assert rewards.accuracy_reward("<think>.</think><answer>D</answer>", record["solution"], "multiple choice") == 1
+    assert rewards.accuracy_reward("<answer>D)</answer>", record["solution"], "multiple choice") == 0
+    assert rewards.accuracy_reward("<answer>C</answer>", record["solution"], "multiple choice") == 0
+    for solution in ("<answer>E</answer>", "<answer>D)</answer>"):  # not one of the letters: refused, named
+        bad = dict(record, solution=solution)
+        with pytest.raises(DataError, match=r"cot.json record 0 \(problem_id 1\): 'solution' answer"):
+            data.load_records(write_json(tmp_path / "cot.json", [bad]))
 
 
 def test_good_ground_truth_passes(tmp_path):
