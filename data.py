@@ -14,7 +14,8 @@ import decord
 from PIL import Image
 import rewards
 
-DATA_TYPES = ("image", "video")
+# "frame": a video stored as a folder of frames (MVBench's TVQA), or as the video file it names
+DATA_TYPES = ("image", "video", "frame")
 PROMPT_TEMPLATE = (
     "{Question}\nPlease think about this question as if you were a human pondering deeply. "
     "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', "
@@ -49,6 +50,8 @@ TRAIN_MAX_PIXELS = 128 * FACTOR * FACTOR
 # video fps outside [one frame per 10 s, a high-speed camera] means broken timing
 MIN_VIDEO_FPS = 0.1
 MAX_VIDEO_FPS = 1000.0
+# the files of a folder of frames that are frames
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # config keys of read_media
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
 
@@ -224,31 +227,84 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
     frames = _resize(frames, path, min_pixels, max_pixels, video=True)
     return frames, n / total * avg_fps
 
-def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
-    """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's
-    temporal patch."""
+def _decode_image(path) -> np.ndarray:
+    """The image file's pixels, (H, W, 3) uint8 RGB."""
     try:
         with warnings.catch_warnings():
             # PIL only warns below 2x its limit
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
+                return np.asarray(im.convert("RGB"))
     # PIL: UnidentifiedImageError / truncated data / bad header fields / a header claiming
     # gigapixels
     except (OSError, ValueError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
+
+def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
+    """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's
+    temporal patch."""
+    rgb = _decode_image(path)
     frame = _resize(rgb[None], path, min_pixels, max_pixels, video=False)
     return np.repeat(frame, TEMPORAL_PATCH, axis=0)
 
+def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
+                      min_pixels=MIN_PIXELS,
+                      max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
+    """A folder of frames (image files sorted by name: 00001.jpg, 00002.jpg, ...) read as a video
+    shot at folder_fps (the record's `fps`), sampled and resized as read_video samples a file."""
+    # bool is an int to Python, and a frame rate of True means a wrong field
+    is_number = isinstance(folder_fps, (int, float)) and not isinstance(folder_fps, bool)
+    if not is_number or not math.isfinite(folder_fps) or folder_fps <= 0:
+        raise DataError(f"{path}: a folder of frames needs the record's 'fps' (its frames per "
+                        f"second) as a positive number, got {folder_fps!r:.60}")
+    try:
+        entries = os.listdir(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot list the folder of frames: {e}") from e
+    # other files (a stray .DS_Store, a listing) are not frames
+    names = sorted(n for n in entries if n.lower().endswith(FRAME_EXTENSIONS))
+    total = len(names)
+    if total < TEMPORAL_PATCH:
+        raise DataError(f"{path}: {total}-frame video: "
+                        f"a video needs at least {TEMPORAL_PATCH} frames")
+
+    # the frames read_video would take of a video file of these frames; only those are decoded
+    n = _num_frames(total, folder_fps, fps, min_frames, max_frames)
+    indices = torch.linspace(0, total - 1, n).round().long().tolist()
+    decoded = [_decode_image(os.path.join(path, names[i])) for i in indices]
+    sizes = {frame.shape for frame in decoded}
+    if len(sizes) > 1:
+        raise DataError(f"{path}: frames of different sizes {sorted(sizes)}")
+    frames = _resize(np.stack(decoded), path, min_pixels, max_pixels, video=True)
+    return frames, n / total * folder_fps
+
+def _frame_folder(path) -> str | None:
+    """The folder of frames a "frame" record's path names, or None: the path itself, or the path
+    without its extension (MVBench ships TVQA as folders "<clip>/", Video-R1's records name them
+    "<clip>.mp4")."""
+    for candidate in (path, os.path.splitext(path)[0]):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
 def read_media(record, fps, min_frames, max_frames, min_pixels,
                max_pixels) -> tuple[np.ndarray, float | None]:
-    """Frames of a record's video (with the sampling fps) or image (fps None)."""
-    if not os.path.isfile(record["path"]):
-        raise DataError(f"{record['path']}: {record['data_type']} file not found")
-    if record["data_type"] == "video":
-        return read_video(record["path"], fps, min_frames, max_frames, min_pixels, max_pixels)
-    return read_image(record["path"], min_pixels, max_pixels), None
+    """Frames of a record's video (with the sampling fps) or image (fps None). A "frame" record is
+    a video: the file its path names, or else a folder of its frames (read_frame_folder)."""
+    path = record["path"]
+    kind = record["data_type"]
+    if kind == "frame" and not os.path.isfile(path):
+        folder = _frame_folder(path)
+        if folder is None:
+            raise DataError(f"{path}: neither a video file nor a folder of frames")
+        return read_frame_folder(folder, record.get("fps"), fps, min_frames, max_frames,
+                                 min_pixels, max_pixels)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {kind} file not found")
+    if kind == "image":
+        return read_image(path, min_pixels, max_pixels), None
+    return read_video(path, fps, min_frames, max_frames, min_pixels, max_pixels)
 
 def contrast_frames(frames, rng: np.random.Generator) -> np.ndarray:
     """The frames in a random order other than their own: T-GRPO's contrast clip and eval's

@@ -241,7 +241,8 @@ def metrics(rows):
         return out
 
     # ordered and shuffled over the same video records; images have no shuffled answer
-    videos = [r for r in ordered if r["data_type"] == "video"]
+    # "frame" records (MVBench's TVQA) are videos too
+    videos = [r for r in ordered if r["data_type"] != "image"]
     twins = [r for r in rows if r["shuffled"]]
     out["videos"] = len(videos)
     out["ordered"] = mean_score(videos)
@@ -341,8 +342,9 @@ def table(summary):
 
 
 def shuffle_flags(record):
-    """The shuffled? flags a record is answered with: a video twice under --shuffled=True."""
-    if shuffled and record["data_type"] == "video":
+    """The shuffled? flags a record is answered with: a video ("frame" records too) twice under
+    --shuffled=True."""
+    if shuffled and record["data_type"] != "image":
         return (False, True)
     return (False,)
 

@@ -349,6 +349,107 @@ def test_read_media_dispatches(tmp_path):
     frames, fps = data.read_media({"data_type": "image", "path": str(tmp_path / "i.png")}, **limits)
     assert frames.shape == (2, 56, 84, 3) and fps is None
 
+def write_frames(folder, n, h=56, w=84, size_of=None):
+    """A folder of n JPEG frames 00001.jpg ... as MVBench ships TVQA, frame i uniformly grey at i*STEP % 256; written
+    last to first, so only sorting by name puts them in order. size_of(i): another (h, w) for frame i."""
+    folder.mkdir(parents=True)
+    for i in reversed(range(n)):
+        shape = (h, w) if size_of is None else size_of(i)
+        Image.fromarray(np.full((*shape, 3), i * STEP % 256, np.uint8)).save(folder / f"{i + 1:05d}.jpg", quality=95)
+    (folder / "notes.txt").write_text("not a frame")
+    return folder
+
+
+TVQA_PATH = "./Evaluation/MVBench/tvqa/frames_fps3_hq/castle_s07e04_seg02_clip_14.mp4"
+
+
+def frame_record(**fields):
+    """Shaped like eval_mvbench.json's TVQA records (problem_id 1600-1799)."""
+    return {"problem_id": 1601, "problem": "What does Castle hold?", "data_type": "frame",
+            "problem_type": "multiple choice", "options": ["A. a gun", "B. a phone"], "solution": "<answer>B</answer>",
+            "path": TVQA_PATH, "fps": 3, **fields}
+
+
+FRAME_CONFIG = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
+                    max_prompt_tokens=1000)
+
+
+@pytest.mark.parametrize("layout", ["mp4 file", "folder of that name", "folder without .mp4 (MVBench's own)"])
+def test_frame_records_read_as_the_video_they_are(tmp_path, tokenizer, layout):
+    """20 frames at 3 fps are 6.7 s: at 2 fps 13.3 frames, floored to 12, at 12 / 20 * 3 = 1.8 fps, whether the path
+    is the video file or a folder of its frames."""
+    clip_path = tmp_path / TVQA_PATH
+    if layout == "mp4 file":
+        clip_path.parent.mkdir(parents=True)
+        write_mp4(clip_path, 20, 3)
+    elif layout == "folder of that name":
+        write_frames(clip_path, 20)
+    else:
+        write_frames(clip_path.with_suffix(""), 20)
+    records, _ = data.load_records(write_json(tmp_path / "eval_mvbench.json", [frame_record()]))
+    frames, fps = data.read_media(records[0], **{k: FRAME_CONFIG[k] for k in data.FRAME_LIMITS})
+    assert frames.shape == (12, 56, 84, 3) and fps == pytest.approx(1.8)
+    sampled = np.linspace(0, 19, 12).round()  # read_video's rule: uniform, in order, ends included
+    assert np.abs(frames.mean(axis=(1, 2, 3)) / STEP - sampled).max() < 0.5
+    prompt, clip, contrast = data.load_example(records[0], tokenizer, FRAME_CONFIG, np.random.default_rng(0))
+    assert clip.is_video and clip.second_per_grid == pytest.approx(2 / 1.8) and contrast.grid_thw == clip.grid_thw
+
+
+def test_frame_folder_resizes_and_limits_as_a_video(tmp_path):
+    folder = write_frames(tmp_path / "clip", 40, h=100, w=130)
+    frames, fps = data.read_frame_folder(str(folder), 3, fps=2.0, min_frames=4, max_frames=8,
+                                         min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28)
+    assert frames.shape == (8, *data.smart_resize(100, 130, max_pixels=8 * 28 * 28), 3) and fps == pytest.approx(0.6)
+    grey = np.linspace(0, 39, 8).round() * STEP % 256
+    raw = np.stack([np.asarray(Image.open(folder / f"{int(i) + 1:05d}.jpg")) for i in np.linspace(0, 39, 8).round()])
+    assert np.array_equal(frames, data._resize(raw, "x", 4 * 28 * 28, 8 * 28 * 28, video=True))  # video's resize
+    assert np.abs(frames.mean(axis=(1, 2, 3)) - grey).max() < STEP / 2
+
+
+@pytest.mark.parametrize("fps", ["missing", None, "3", 0, -3, True, float("nan"), float("inf")])
+def test_a_frame_folder_without_a_positive_fps_names_file_record_and_problem_id(tmp_path, tokenizer, fps):
+    write_frames(tmp_path / TVQA_PATH, 20)
+    record = frame_record()
+    if fps == "missing":
+        del record["fps"]
+    else:
+        record["fps"] = fps
+    records, _ = data.load_records(write_json(tmp_path / "eval_mvbench.json", [record]))
+    with pytest.raises(DataError, match=r"eval_mvbench.json record 0 \(problem_id 1601\): .*clip_14.mp4: a folder of "
+                                        r"frames needs the record's 'fps' \(its frames per second\) as a positive"):
+        data.load_example(records[0], tokenizer, FRAME_CONFIG)
+    if fps == "missing":  # an mp4 file has its own timing: no fps needed
+        (tmp_path / TVQA_PATH).rename(tmp_path / "frames")
+        write_mp4(tmp_path / TVQA_PATH, 20, 3)
+        assert data.load_example(records[0], tokenizer, FRAME_CONFIG)[1].grid_thw[0] == 6
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("no such path", "castle_s07e04_seg02_clip_14.mp4: neither a video file nor a folder of frames"),
+    ("1 frame", "castle_s07e04_seg02_clip_14.mp4: 1-frame video: a video needs at least 2 frames"),
+    ("no frames", "castle_s07e04_seg02_clip_14.mp4: 0-frame video"),
+    ("sizes differ", "castle_s07e04_seg02_clip_14.mp4: frames of different sizes"),
+    ("corrupt frame", "00001.jpg: cannot decode image"),
+])
+def test_bad_frame_folders_name_the_folder(tmp_path, kind, message):
+    folder = tmp_path / TVQA_PATH
+    if kind == "1 frame":
+        write_frames(folder, 1)
+    elif kind == "no frames":
+        write_frames(folder, 0)
+    elif kind == "sizes differ":
+        write_frames(folder, 8, size_of=lambda i: (56, 84 + 28 * (i == 7)))
+    elif kind == "corrupt frame":
+        write_frames(folder, 8)
+        (folder / "00001.jpg").write_bytes(b"not a jpeg")
+    limits = {k: FRAME_CONFIG[k] for k in data.FRAME_LIMITS}
+    with pytest.raises(DataError, match="problem_id 1601") as err:
+        record = dict(frame_record(), path=str(folder), json="eval_mvbench.json", index=0)
+        data.load_example(record, None, FRAME_CONFIG)
+    assert message in str(err.value)
+    with pytest.raises(DataError, match=message):
+        data.read_media(dict(frame_record(), path=str(folder)), **limits)
+
 # ----------------------------------------------------------------------------- patches and prompts
 
 

@@ -109,6 +109,15 @@ def test_summary_counts_failures_as_zero_and_the_gap(monkeypatch):
     assert "| b | family=count | 1 | 0 | 100.0 | 0 | - | - | - |" in text
 
 
+def test_frame_records_count_as_videos_in_the_shuffled_diagnostic(monkeypatch):
+    monkeypatch.setattr(E, "shuffled", True)
+    rows = [{"benchmark": "mvbench", "index": 0, "shuffled": twin, "data_type": data_type, "problem_type": "numerical",
+             "score": score, "failed": None} for data_type, twin, score in
+            [("frame", False, 1.0), ("frame", True, 0.0), ("video", False, 1.0), ("video", True, 1.0)]]
+    assert E.metrics(rows) == {"records": 2, "failed": 0, "score": 1.0, "videos": 2, "ordered": 1.0,
+                               "shuffled": 0.5, "gap": 0.5}
+
+
 def test_resume_after_a_crash_mid_file(toy, shuffled_run, tmp_path):
     full_dir, full, _ = shuffled_run
     lines = open(full_dir / "results.rank0.jsonl").read().splitlines(keepends=True)
