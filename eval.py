@@ -62,8 +62,13 @@ shuffled = False
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
                           choices=dict(attn=model.ATTENTION))
-# record fields the table breaks a benchmark down by
-GROUP_FIELDS = ("data_source", "category", "family", "temporal")
+# record fields the table breaks a benchmark down by: the benchmarks' own breakdowns (VSI-Bench's
+# tasks, VideoMME's video lengths, the synthetic task's families); not data_source, which in MMVU
+# and VideoMMMU names each record's YouTube video
+GROUP_FIELDS = ("original_question_type", "duration", "category", "family", "temporal")
+# a field splits a benchmark only into 2 to MAX_GROUPS groups: more values name records rather than
+# kinds of question, and hundreds of one-record rows would bury the breakdown (VSI-Bench has 10)
+MAX_GROUPS = 12
 
 
 def _number(x):
@@ -271,8 +276,8 @@ def breakdown(rows):
         for r in rows:
             if field in r:
                 split.setdefault(group_label(field, r[field]), []).append(r)
-        # a field with one value for all splits nothing
-        if len(split) > 1:
+        # one value for all splits nothing; more than MAX_GROUPS name records (see MAX_GROUPS)
+        if 2 <= len(split) <= MAX_GROUPS:
             for label in sorted(split):
                 groups[label] = metrics(split[label])
     return groups

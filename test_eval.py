@@ -109,6 +109,40 @@ def test_summary_counts_failures_as_zero_and_the_gap(monkeypatch):
     assert "| b | family=count | 1 | 0 | 100.0 | 0 | - | - | - |" in text
 
 
+VSI_TASKS = ["object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation",
+             "object_rel_distance", "object_rel_direction_easy", "object_rel_direction_medium",
+             "object_rel_direction_hard", "route_planning", "obj_appearance_order"]
+
+
+def test_groups_are_the_benchmarks_own_breakdowns_never_one_per_record():
+    """VSI-Bench by task (10), VideoMME by duration (3); MMVU's data_source, a YouTube URL per video, splits nothing
+    (298 one-record rows), nor does any field of more than MAX_GROUPS values."""
+    def row(benchmark, index, score, **fields):
+        return {"benchmark": benchmark, "index": index, "shuffled": False, "data_type": "video",
+                "problem_type": "multiple choice", "score": score, "failed": None, **fields}
+    vsi = [row("vsibench", i, float(i % 3 == 0), original_question_type=VSI_TASKS[i % 10],
+               data_source=["arkitscenes", "scannet", "scannetpp"][i % 3]) for i in range(40)]
+    videomme = [row("videomme", i, float(i < 3), duration=["short", "medium", "long"][i % 3],
+                    data_source=f"https://www.youtube.com/watch?v=v{i // 3}") for i in range(9)]
+    mmvu = [row("mmvu", i, 1.0, data_source=f"https://www.youtube.com/watch?v=m{i}") for i in range(298)]
+    many = [row("many", i, 1.0, category=f"c{i % (E.MAX_GROUPS + 1)}") for i in range(26)]
+    paths = {name: f"eval_{name}.json" for name in ("vsibench", "videomme", "mmvu", "many")}
+    settings = dict(checkpoint="c", min_frames=4, max_frames=16, fps=2.0, min_pixels=1, max_pixels=2, temperature=0.0,
+                    top_p=1.0, max_new_tokens=8, shuffled=False)
+    benchmarks = E.summarize(vsi + videomme + mmvu + many, paths, settings)["benchmarks"]
+    assert list(benchmarks["vsibench"]["groups"]) == [f"original_question_type={t}" for t in sorted(VSI_TASKS)]
+    assert benchmarks["vsibench"]["groups"]["original_question_type=object_counting"] == {
+        "records": 4, "failed": 0, "score": 0.5}  # records 0, 10, 20, 30: scores 1, 0, 0, 1
+    assert list(benchmarks["videomme"]["groups"]) == ["duration=long", "duration=medium", "duration=short"]
+    assert benchmarks["videomme"]["groups"]["duration=short"] == {"records": 3, "failed": 0, "score": 1 / 3}
+    assert benchmarks["mmvu"]["groups"] == {} and benchmarks["many"]["groups"] == {}
+    assert benchmarks["mmvu"]["all"] == {"records": 298, "failed": 0, "score": 1.0}
+    lines = E.table({"settings": settings, "samples": 373, "failed": 0, "benchmarks": benchmarks}).splitlines()
+    assert "| benchmark | group | records | failed | score % |" in lines
+    assert "| videomme | duration=short | 3 | 0 | 33.3 |" in lines and "| mmvu | all | 298 | 0 | 100.0 |" in lines
+    assert len([line for line in lines if line.startswith("| ")]) == 1 + (1 + 10) + (1 + 3) + 1 + 1
+
+
 def test_frame_records_count_as_videos_in_the_shuffled_diagnostic(monkeypatch):
     monkeypatch.setattr(E, "shuffled", True)
     rows = [{"benchmark": "mvbench", "index": 0, "shuffled": twin, "data_type": data_type, "problem_type": "numerical",
