@@ -71,7 +71,8 @@ def wer(reference: str, hypothesis: str) -> float:
     return prev[-1] / max(1, len(ref))
 
 def rouge_mean(reference: str, hypothesis: str) -> float:
-    """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming)."""
+    """Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, Porter stemming). As
+    officially, a one-word reference caps it at 2/3: it has no bigram, so ROUGE-2 is 0."""
     scores = _scorer.score(reference, hypothesis)
     return sum(score.fmeasure for score in scores.values()) / 3
 

@@ -162,6 +162,18 @@ def test_free_form(answer, gt, expected):
     assert rouge_mean(gt, answer) == pytest.approx(expected)
 
 
+def test_a_one_word_free_form_answer_caps_at_two_thirds():
+    """The official reward (kept): the mean of ROUGE-1, -2 and -L. A one-word reference has no bigram, so ROUGE-2 is 0
+    for every answer and even the exact answer earns 2/3 (as reward and as eval score); it still counts as correct
+    under both rules' thresholds, so the temporal and length bonuses treat it as correct."""
+    exact = accuracy_reward(tag("cat"), tag("cat"), "free-form")
+    assert exact == pytest.approx(2 / 3)
+    assert accuracy_reward(tag("Cats"), tag("cat"), "free-form") == pytest.approx(2 / 3)  # stemmed, lowercased
+    assert accuracy_reward(tag("a cat"), tag("cat"), "free-form") < exact                 # a longer one scores less
+    assert is_correct(exact, rule="paper") and is_correct(exact, rule="official")
+    assert accuracy_reward(tag("black cat"), tag("black cat"), "free-form") == 1.0         # two words: full credit
+
+
 def test_solution_without_tag_has_empty_answer():
     # Official: extract_answer(solution) is "" then; the training data always tags its solutions.
     assert accuracy_reward(tag("A"), "A", "multiple choice") == 0.0
