@@ -2,10 +2,13 @@
 the vision tower run once per distinct clip, KV-cache generation and per-token log-probs.
 
 Loading and saving a model: lifecycle.py."""
+import math
 from dataclasses import dataclass
 import torch
+import torch.nn.functional as F
 import transformers
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
@@ -255,49 +258,274 @@ def sample_token(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+# The KV cache holds prompt + max_new_tokens positions rounded up to a multiple of this, so few
+# shapes occur (a compiled step is reused across calls of one bucket)
+CACHE_BUCKET = 256
+# On a GPU whether every row has stopped is asked once every this many tokens: the answer is a
+# device-to-host copy, which waits for every queued step
+STOP_EVERY_GPU = 16
+
+
+def linear_weights(linear):
+    """(weight, bias) of a Linear as decode applies it.
+
+    A peft LoRA layer's active adapters are merged into a copy of its base weight, in the base's
+    dtype, rounded once (as peft's merge rounds): W + scale * B @ A. Merging in place and
+    unmerging would change the training weights' bits (DETAILS.md, "Library traps")."""
+    if not isinstance(linear, LoraLayer):
+        return linear.weight, linear.bias
+    base = linear.get_base_layer()
+    if linear.disable_adapters or linear.merged:
+        return base.weight, base.bias
+    weight = base.weight.clone()  # (out, in)
+    for adapter in linear.active_adapters:
+        if adapter not in linear.lora_A:
+            continue
+        assert not linear.use_dora[adapter], "DoRA adapters are not merged here"
+        weight += linear.get_delta_weight(adapter)  # (out, in)
+    return weight, base.bias
+
+
+def decode_weights(model):
+    """The language model's weights for Decoder.step: the module's own tensors (under ZeRO-3 the
+    ones gathered for the rollout phase), LoRA adapters merged into copies (linear_weights)."""
+    inner = unwrap(model)
+    lm = inner.model.language_model
+    layers = []
+    for layer in lm.layers:
+        attn = layer.self_attn
+        mlp = layer.mlp
+        projections = dict(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
+                           gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj)
+        weights = {name: linear_weights(linear) for name, linear in projections.items()}
+        weights["input_norm"] = layer.input_layernorm.weight
+        weights["post_norm"] = layer.post_attention_layernorm.weight
+        layers.append(weights)
+    head, _ = linear_weights(inner.lm_head)
+    return dict(embed=lm.embed_tokens.weight, layers=layers, norm=lm.norm.weight, head=head)
+
+
+def rms_norm(x, weight, eps):
+    """Qwen's RMSNorm as its module computes it (fp32 inside), so decode rounds as the forward."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def rotate_half(x):
+    """RoPE's rotation of the two halves of the head dimension: (x1, x2) -> (-x2, x1)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Decoder:
+    """The decode step: one token per row through the language model, from a KV cache allocated
+    once at its final size and written in place, with static shapes throughout.
+
+    Hand-written over the module's weights (decode_weights) rather than transformers' StaticCache
+    run through the language model: LoRA decodes from merged copies of the weights without
+    touching the modules (peft's layers would run the unmerged adapters, about twice slower), no
+    mask is built per token, and every operation is in sight of a CUDA graph and torch.compile.
+    The step reads its inputs from tensors that `advance` updates in place: the token, its
+    position, the cache column it writes and the attention mask. A generated token is text, so
+    its three M-RoPE rows are equal and the rotation is plain 1-D RoPE: decode has no vision logic.
+    The cache holds P + max_new_tokens columns rounded up to CACHE_BUCKET; the prompt's keys and
+    values come from the prefill, transformers' forward (`fill`)."""
+
+    def __init__(self, model, batch, max_new_tokens):
+        lm = unwrap(model).model.language_model
+        config = lm.config
+        plain = config.rope_parameters["rope_type"] == "default" and not config.use_sliding_window
+        assert plain, "decode knows default RoPE and full attention only"
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.inv_freq = lm.rotary_emb.inv_freq  # (head_dim / 2,) fp32
+        self.rope_scale = lm.rotary_emb.attention_scaling
+        self.weights = decode_weights(model)
+
+        B, P = batch.input_ids.shape
+        device = batch.input_ids.device
+        self.length = math.ceil((P + max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET
+        self.keys = []  # per layer (B, Hkv, L, hd), made by `fill`
+        self.values = []  # per layer (B, Hkv, L, hd)
+
+        # the step's inputs; `advance` moves them on to the token it feeds
+        self.token = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
+        self.position = batch.next_pos - 1  # (B,)
+        self.index = torch.full((1,), P - 1, device=device)  # (1,) the cache column, one for all
+        # True: attend. The columns past the token fed are False, so a row of the whole length
+        # attends to its prompt and its tokens so far only
+        self.mask = torch.zeros(B, self.length, dtype=torch.bool, device=device)  # (B, L)
+        self.mask[:, :P] = batch.attention_mask.bool()
+
+    def fill(self, cache):
+        """The cache, from the prefill's (a DynamicCache), which this empties: layer by layer the
+        prompt's keys and values are copied into a buffer of the full length and dropped, so the
+        two caches never exist whole at once."""
+        while cache.layers:
+            layer = cache.layers.pop(0)
+            B, heads, P, head_dim = layer.keys.shape
+            keys = layer.keys.new_zeros(B, heads, self.length, head_dim)  # (B, Hkv, L, hd)
+            values = layer.values.new_zeros(B, heads, self.length, head_dim)  # (B, Hkv, L, hd)
+            keys[:, :, :P] = layer.keys
+            values[:, :, :P] = layer.values
+            self.keys.append(keys)
+            self.values.append(values)
+
+    def advance(self, token):
+        """Make `token` (B,) the next step's input, one position and one cache column further."""
+        self.token.copy_(token)
+        self.position += 1
+        self.index += 1
+        self.mask.index_fill_(1, self.index, True)
+
+    def step(self):
+        """(B, V) fp32 logits of the token after self.token; its keys and values go into the
+        cache at self.index. The same operations as transformers' forward, in the same order."""
+        w = self.weights
+        x = F.embedding(self.token, w["embed"])[:, None]  # (B, 1, D)
+
+        # the rotation of this position, shared by the layers
+        freqs = self.position[:, None].float() * self.inv_freq  # (B, hd / 2)
+        cos = freqs.cos() * self.rope_scale  # (B, hd / 2)
+        sin = freqs.sin() * self.rope_scale  # (B, hd / 2)
+        cos = torch.cat((cos, cos), dim=-1).to(x.dtype)[:, None, None]  # (B, 1, 1, hd)
+        sin = torch.cat((sin, sin), dim=-1).to(x.dtype)[:, None, None]  # (B, 1, 1, hd)
+
+        for i, layer in enumerate(w["layers"]):
+            h = rms_norm(x, layer["input_norm"], self.eps)  # (B, 1, D)
+            x = x + self.attention(i, layer, h, cos, sin)  # (B, 1, D)
+            h = rms_norm(x, layer["post_norm"], self.eps)  # (B, 1, D)
+            gate = F.silu(F.linear(h, *layer["gate"]))  # (B, 1, F)
+            up = F.linear(h, *layer["up"])  # (B, 1, F)
+            x = x + F.linear(gate * up, *layer["down"])  # (B, 1, D)
+        x = rms_norm(x, w["norm"], self.eps)  # (B, 1, D)
+        return F.linear(x[:, 0], w["head"]).float()  # (B, V)
+
+    def attention(self, i, layer, h, cos, sin):
+        """Layer i's attention of the new token over the cache, its own keys and values written
+        first."""
+        B = h.shape[0]
+        q = F.linear(h, *layer["q"]).view(B, 1, self.heads, self.head_dim)  # (B, 1, H, hd)
+        k = F.linear(h, *layer["k"]).view(B, 1, self.kv_heads, self.head_dim)  # (B, 1, Hkv, hd)
+        v = F.linear(h, *layer["v"]).view(B, 1, self.kv_heads, self.head_dim)  # (B, 1, Hkv, hd)
+        q = q.transpose(1, 2)  # (B, H, 1, hd)
+        k = k.transpose(1, 2)  # (B, Hkv, 1, hd)
+        v = v.transpose(1, 2)  # (B, Hkv, 1, hd)
+        q = q * cos + rotate_half(q) * sin  # (B, H, 1, hd)
+        k = k * cos + rotate_half(k) * sin  # (B, Hkv, 1, hd)
+        self.keys[i].index_copy_(2, self.index, k)  # (B, Hkv, L, hd)
+        self.values[i].index_copy_(2, self.index, v)  # (B, Hkv, L, hd)
+
+        # grouped-query attention as transformers does it for one query token: the query heads of
+        # a key/value head become its queries, so the cache is read as it is, not repeated
+        q = q.reshape(B, self.kv_heads, -1, self.head_dim)  # (B, Hkv, H / Hkv, hd)
+        mask = self.mask[:, None, None]  # (B, 1, 1, L) shared by all heads
+        out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask,
+                                             scale=self.head_dim ** -0.5)  # (B, Hkv, H / Hkv, hd)
+        out = out.reshape(B, self.heads, 1, self.head_dim).transpose(1, 2)  # (B, 1, H, hd)
+        return F.linear(out.reshape(B, 1, -1), *layer["o"])  # (B, 1, D)
+
+
+def cuda_graph(fn):
+    """fn recorded as a CUDA graph; returns a function that replays it and returns its output.
+
+    fn runs once first, on a side stream, so that lazy initialisations (cuBLAS workspaces, a
+    compile) happen outside the capture. The graph holds the addresses fn read and wrote at
+    capture: its weights, cache and inputs must stay where they are while it is replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 @torch.no_grad()
 def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0,
-             generator=None):
-    """Batched prefill, then one token per step from the KV cache.
+             generator=None, stop_every=None, compile_step=False):
+    """Batched prefill, then one token per step from a static KV cache (Decoder).
 
     A row stops at its first stop token. Returns completion ids (B, T) padded with pad_id, and a
-    mask (B, T) of the tokens up to and including the stop."""
+    mask (B, T) of the tokens up to and including the stop; T is the longest completion.
+
+    On a GPU the decode step is recorded as a CUDA graph at the first decoded token and replayed
+    for every later one (cuda_graph); on CPU it runs eager. The graph is recorded by hand, once a
+    call, rather than by torch.compile(mode="reduce-overhead"): a graph reads its tensors at the
+    addresses they had at capture, and the decode weights move between calls. LoRA's merged
+    copies are made per call; under ZeRO-3, common.generation_phase gathers the partitioned
+    weights into fresh memory each rollout phase, and the step, built and recorded inside the
+    phase, reads those. Recording once per call keeps that rule in plain sight, where
+    reduce-overhead would re-record (or not) by its own rules; copying each phase's weights into
+    fixed buffers instead would cost a second copy of them (16.6 GB at 7B). What a recording
+    costs on a GPU (a warm-up step and the capture) is not measured yet: bench.py prints it.
+    `compile_step` compiles the step (torch.compile, fullgraph) before it is recorded: its
+    elementwise operations fused, at a compile per batch size and cache length.
+
+    Whether every row has stopped is asked every `stop_every` tokens (None: 16 on a GPU, where
+    each answer waits for the queued steps; every token on CPU, where asking is free); the steps
+    past the longest completion are cut off, so the result is that of stopping at once."""
     inner = unwrap(model)
-    embed_tokens = inner.model.get_input_embeddings()
     B = batch.input_ids.shape[0]
     device = batch.attention_mask.device
+    on_gpu = device.type == "cuda"
+    if stop_every is None:
+        stop_every = 1
+        if on_gpu:
+            stop_every = STOP_EVERY_GPU
 
-    # 1. prefill the prompts: one forward over all rows fills the KV cache. Left padding puts
-    # every row's last prompt token in the last column, whose hidden state predicts token 1.
+    # 1. prefill the prompts: one forward over all rows fills a KV cache, copied into the
+    # decoder's. Left padding puts every row's last prompt token in the last column, whose hidden
+    # state predicts token 1.
     cache = DynamicCache(config=inner.config)
-    mask = batch.attention_mask  # (B, P), grows by a column a step
     prompt_embeds = embed_prompts(model, batch)  # (B, P, D)
+    mask = batch.attention_mask  # (B, P)
     hidden = hidden_states(model, prompt_embeds, batch.position_ids, mask, cache)  # (B, P, D)
-    last = hidden[:, -1]  # (B, D)
+    logits = inner.lm_head(hidden[:, -1]).float()  # (B, V)
+    del hidden
+    decoder = Decoder(model, batch, max_new_tokens)
+    decoder.fill(cache)
+    step = decoder.step
+    if compile_step:
+        step = torch.compile(step, fullgraph=True, dynamic=False)
 
     # 2. decode one token a step from the KV cache: only the new token runs through the model,
     # attending to the cached keys and values of all before it. The rows step together, so a row
-    # that has stopped keeps stepping but emits pad_id; the loop ends once every row has stopped.
+    # that has stopped keeps stepping but emits pad_id, until every row has stopped.
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-    tokens = []
-    for step in range(max_new_tokens):
-        logits = inner.lm_head(last).float()  # (B, V)
+    ids = torch.full((B, max_new_tokens), pad_id, device=device)  # (B, max_new_tokens)
+    for t in range(max_new_tokens):
         token = sample_token(logits, temperature, top_p, generator)  # (B,)
         token = token.masked_fill(done, pad_id)  # (B,)
-        tokens.append(token)
+        ids[:, t] = token
         done |= torch.isin(token, stop)
-        if done.all():
+        if t + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, P + step + 1)
-        # the new token is text: all three M-RoPE rows advance together
-        text_pos = (batch.next_pos + step).view(1, B, 1).expand(3, B, 1)  # (3, B, 1)
-        token_embeds = embed_tokens(token[:, None])  # (B, 1, D)
-        last = hidden_states(model, token_embeds, text_pos, mask, cache)[:, -1]  # (B, D)
+        if (t + 1) % stop_every == 0 and done.all():
+            break
+        decoder.advance(token)
+        # captured at the first step, once the step's inputs hold real values: the capture's
+        # warm-up run writes this token's keys and values, as the replays will again
+        if on_gpu and t == 0:
+            step = cuda_graph(step)
+        logits = step()  # (B, V)
 
     # 3. the mask of tokens up to the stop: a token counts while no stop token came before it,
-    # so the stop itself counts (the policy learns to end its turn) and the pads after it don't
-    ids = torch.stack(tokens, dim=1)  # (B, T)
-    is_stop = torch.isin(ids, stop).long()  # (B, T)
-    stops_before = is_stop.cumsum(1) - is_stop  # (B, T)
-    return ids, (stops_before == 0).long()
+    # so the stop itself counts (the policy learns to end its turn) and the pads after it don't.
+    # Steps run past the last stop (asked every stop_every) are cut: T is the longest completion.
+    ids = ids[:, :t + 1]  # (B, steps run)
+    is_stop = torch.isin(ids, stop).long()  # (B, steps run)
+    stops_before = is_stop.cumsum(1) - is_stop  # (B, steps run)
+    completion_mask = (stops_before == 0).long()  # (B, steps run)
+    T = completion_mask.sum(1).max().item()
+    return ids[:, :T], completion_mask[:, :T]
