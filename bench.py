@@ -88,6 +88,32 @@ def timed(fn):
     return Timed(out, best)
 
 
+class RolloutTimes(NamedTuple):
+    """Our rollouts of new_tokens rows (none stops) and where their time goes."""
+    result: tuple      # (ids, mask) of the new_tokens call
+    seconds: float     # the new_tokens call
+    prefill: float     # the prompts' forward
+    decode: float      # one decode step (all rows)
+    setup: float       # the rest of a call: the cache, and on a GPU the CUDA graph's capture
+
+
+def rollout_times(net, batch, compile_step=False):
+    """Our rollouts timed from calls of 1, 2 and new_tokens new tokens: a decode step is the
+    difference of the last two over new_tokens - 2 steps, so the per-call set-up stays out of it."""
+    def ours(n):
+        generator = torch.Generator(batch.input_ids.device).manual_seed(0)
+        return model.generate(net, batch, n, [], 0, generator=generator,
+                              compile_step=compile_step)
+
+    one = timed(lambda: ours(1)).seconds
+    two = timed(lambda: ours(2)).seconds
+    full = timed(lambda: ours(new_tokens))
+    decode = (full.seconds - two) / (new_tokens - 2)
+    prefill = one - decode
+    setup = two - one - decode
+    return RolloutTimes(full.result, full.seconds, prefill, decode, setup)
+
+
 def prompt_batch(config, device):
     """G + G~ rows of one prompt (the clip, 60 question tokens clear of special ids); the first G
     are ordered."""
@@ -206,22 +232,16 @@ if __name__ == "__main__":
     vision = sum(p.numel() for p in net.model.visual.parameters())
 
     # rollouts: ours in one generate call against the official way's two; none stops early
-    def ours(n):
-        generator = torch.Generator(device).manual_seed(0)
-        return model.generate(net, batch, n, [], 0, generator=generator)
-
     def hf(b):
         inputs = hf_inputs(b, b.input_ids[:, :0])
         return net.generate(**inputs, max_new_tokens=new_tokens, top_k=0,
                             min_new_tokens=new_tokens, do_sample=True, pad_token_id=0,
                             suppress_tokens=pads)
 
-    first = timed(lambda: ours(1)).seconds
-    rollout = timed(lambda: ours(new_tokens))
+    rollout = rollout_times(net, batch)
     ids, mask = rollout.result
     t_ours = rollout.seconds
     t_hf = timed(lambda: (hf(sub), hf(batch.select(range(G, rows))))).seconds
-    decode = (t_ours - first) / (new_tokens - 1)
     tokens = rows * new_tokens
     # seconds per token to read the text weights once
     hbm_bound = text * net.dtype.itemsize / (hbm_tb_s * 1e12)
@@ -229,8 +249,9 @@ if __name__ == "__main__":
           f"{rows} rows of {batch.input_ids.shape[1]} prompt tokens "
           f"({batch.clips[0].num_tokens} vision) + {new_tokens} new")
     print(f"rollout  ours {tokens / t_ours:.1f} tok/s, official way {tokens / t_hf:.1f} tok/s: "
-          f"ratio {t_hf / t_ours:.2f}x (goal >= 1.0x); ours: prefill {first - decode:.3f} s, "
-          f"decode {decode * 1e3:.2f} ms/token (HBM bound {hbm_bound * 1e3:.2f})")
+          f"ratio {t_hf / t_ours:.2f}x (goal >= 1.0x); ours: prefill {rollout.prefill:.3f} s, "
+          f"decode {rollout.decode * 1e3:.2f} ms/token (HBM bound {hbm_bound * 1e3:.2f}), "
+          f"set-up {rollout.setup:.3f} s a call (on a GPU the CUDA graph's capture)")
 
     # loss: the log-prob + backward pass of the G ordered rows, both ways
     ids = ids[:G]
@@ -268,3 +289,19 @@ if __name__ == "__main__":
         ours_logprobs = model.completion_logprobs(net.eval(), sub, ids, mask)
         diff = (ours_logprobs - hf_logprobs(net, sub, ids, mask)).abs() * mask
     print(f"vision once vs pixels per row: max |diff| of log-probs {diff.max().item():.3g}")
+
+    # decode from LoRA rank 64's merged copies (as many bytes as the weights: the same bound), and
+    # on a GPU the compiled step
+    lora = get_peft_model(net.eval(), lifecycle.lora_config(dict(tgrpo.config, lora_rank=64)))
+    merge = timed(lambda: model.decode_weights(lora)).seconds
+    lora_decode = rollout_times(lora, batch).decode
+    line = f"decode   LoRA rank 64 {lora_decode * 1e3:.2f} ms/token (merging {merge:.3f} s a call)"
+    if device == "cuda":
+        net = lora.unload()  # the adapters out again
+        start = time.perf_counter()
+        model.generate(net, batch, 2, [], 0, compile_step=True)  # the first call compiles
+        first_call = time.perf_counter() - start
+        compiled = rollout_times(net, batch, compile_step=True)
+        line += (f"; full weights, compiled step {compiled.decode * 1e3:.2f} ms/token (capture "
+                 f"{compiled.setup:.3f} s a call, the first call {first_call:.1f} s)")
+    print(f"{line}; HBM bound {hbm_bound * 1e3:.2f} ms/token")
