@@ -1,5 +1,6 @@
 """The forward pass of Qwen2.5-VL as the scripts use it: M-RoPE positions by hand, prompt batches,
-the vision tower run once per distinct clip, KV-cache generation and per-token log-probs.
+the vision tower run once per distinct clip, generation from a static KV cache (a CUDA graph on
+GPU) and per-token log-probs.
 
 Loading and saving a model: lifecycle.py."""
 import math
