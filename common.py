@@ -3,6 +3,7 @@ schedule, ZeRO helpers and atomic checkpoints. Nothing here knows T-GRPO or the 
 model.py and lifecycle.py hold those."""
 import ast
 import contextlib
+import datetime
 import importlib.util
 import json
 import math
@@ -11,6 +12,7 @@ import shutil
 import sys
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 # a torch.Generator seed drawn from a numpy stream: 62 bits stay clear of int64's sign
 SEED_BITS = 62
@@ -71,15 +73,21 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def setup_distributed(threads=0, seed=0):
+def setup_distributed(threads=0, seed=0, timeout=900):
     """torchrun's environment switches distributed mode on (any number of nodes); returns the
     device. threads > 0 fixes a CPU run's thread count: summation order, hence every bit, depends
-    on it (DETAILS.md)."""
+    on it (DETAILS.md). `timeout`: the seconds a collective waits for the other ranks before the
+    run fails (the scripts' dist_timeout)."""
     # all sampling uses explicit generators; this covers anything else
     torch.manual_seed(seed + RANK)
     cuda = torch.cuda.is_available()
     if WORLD > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        wait = datetime.timedelta(seconds=timeout)
+        # DeepSpeed makes groups of its own (ZeRO's copy of the world group) without a timeout,
+        # which then take torch's default for the backend (gloo 30 min, NCCL 10): ours instead
+        c10d.default_pg_timeout = wait
+        c10d.default_pg_nccl_timeout = wait
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=wait)
     if not cuda:
         torch.set_num_threads(threads or torch.get_num_threads())
         return "cpu"
@@ -222,12 +230,87 @@ def generation_phase(model):
     return contextlib.nullcontext()
 
 
+# The data position, and what a run may start or resume from.
+
+def stream_position(consumed, steps, batch_size, micro=0, grad_accum=1, rank=RANK):
+    """Where `rank`'s batch_size records of micro-step `micro` start in the endless record stream
+    (data.epoch_slice), `steps` steps after the run's first: the `consumed` records before that
+    step (0, or a resumed run's from its checkpoint), then every step's micro-steps, each every
+    rank's batch in rank order. So a run resumed on another number of ranks reads on where the
+    stream stopped. With micro=0 and rank=0: the records all ranks consumed in those steps too."""
+    batches = (steps * grad_accum + micro) * WORLD + rank
+    return consumed + batches * batch_size
+
+
+def check_out_dir(out_dir, resume):
+    """Refuse a new run (not `resume`) in a folder that holds a run: its log would be cut and its
+    checkpoints replaced, and the folder would end with parts of two runs."""
+    if resume:
+        return
+    latest = latest_checkpoint(out_dir)
+    logged = os.path.exists(os.path.join(out_dir, "metrics.jsonl"))
+    if not latest and not logged:
+        return
+    name = "none, only metrics.jsonl"
+    if latest:
+        name = os.path.basename(latest)
+    raise FileExistsError(f"out_dir {out_dir} already holds a run (latest: {name}): --resume=True "
+                          "continues it; choose another out_dir to start afresh (or delete it)")
+
+
+def check_resume(ckpt, config, run_keys):
+    """ckpt's run.json, if a run of `config` may resume from it. Refused: a checkpoint without the
+    data position (written before run.json held it), another value of a key in `run_keys` (those
+    that define the run: the data stream, the starting weights, the form of the model and
+    optimizer state; the first names the starting weights), and under DeepSpeed another number
+    of ranks (its optimizer state is split by rank). Any other changed key is taken, with a note.
+    Reads run.json only: nothing has loaded yet."""
+    with open(os.path.join(ckpt, "run.json")) as f:
+        run = json.load(f)
+    fresh = f"start a new run in another out_dir from its weights with --{run_keys[0]}={ckpt}"
+    if "consumed" not in run:
+        raise ValueError(f"{ckpt} has no data position in its run.json: it was written before "
+                         "checkpoints kept one, so a resumed run would not know which records "
+                         f"come next. Resume it with the code that wrote it, or {fresh}")
+
+    # the keys that define the run
+    saved = run["config"]
+    differ = []
+    for key in run_keys:
+        if saved.get(key) != config[key]:
+            differ.append(f"{key} {saved.get(key)!r} in the checkpoint, {config[key]!r} now")
+    if differ:
+        raise ValueError(f"cannot resume {ckpt} with other values of the keys that define the "
+                         f"run: {'; '.join(differ)}. Pass the checkpoint's values to resume it, "
+                         f"or {fresh}")
+
+    # DeepSpeed's optimizer state is partitioned by rank: it loads on as many ranks only
+    ranks = run["world_size"]
+    if config["deepspeed"] and ranks != WORLD:
+        raise ValueError(
+            f"{ckpt} was saved by {ranks} ranks under DeepSpeed, whose optimizer state is split "
+            f"by rank, and this run has {WORLD}: resume it on {ranks} ranks, or {fresh} (under "
+            f"LoRA the merged weights there, or --{run_keys[0]}={ckpt}/adapter for the adapter), "
+            "which starts the optimizer state, the lr schedule and the data position afresh")
+
+    # any other key: taken, and said
+    changed = []
+    for key, value in config.items():
+        if key != "resume" and saved.get(key) != value:
+            changed.append(f"{key} {saved.get(key)!r} -> {value!r}")
+    if changed:
+        print0(f"resuming {ckpt} with changed settings: {', '.join(changed)}")
+    return run
+
+
 # Checkpoints, written atomically.
 
-def save_checkpoint(out_dir, step, optimizer, config, write_model):
+def save_checkpoint(out_dir, step, optimizer, config, write_model, consumed):
     """Write out_dir/step_N: the model's files by write_model(folder, state_dict) on rank 0, the
-    optimizer or DeepSpeed state, run.json. It is written under a temporary name and renamed into
-    place before `latest` is replaced: a kill at any moment leaves the last good checkpoint whole.
+    optimizer or DeepSpeed state, run.json (the step, the records all ranks `consumed` so far,
+    the number of ranks and the config: check_resume reads them). It is written under a
+    temporary name and renamed into place before `latest` is replaced: a kill at any moment
+    leaves the last good checkpoint whole.
     No RNG state: all randomness comes from generators seeded by (seed, step, rank).
     Beyond the newest keep_checkpoints (0: all stay), a checkpoint keeps its HF weights only
     (keep_weights) or goes. Returns the step folder."""
@@ -257,8 +340,8 @@ def save_checkpoint(out_dir, step, optimizer, config, write_model):
             write_model(tmp, state_dict)  # the model's files (lifecycle.write_model)
             if not optimizer.engine:
                 torch.save(optimizer.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            run = json.dumps({"step": step, "config": config}, indent=1)
-            write_atomic(os.path.join(tmp, "run.json"), run)
+            run = {"step": step, "consumed": consumed, "world_size": WORLD, "config": config}
+            write_atomic(os.path.join(tmp, "run.json"), json.dumps(run, indent=1))
     except (OSError, RuntimeError) as err:
         # a full disk: torch.save says "[enforce fail at inline_container.cc]"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ mkdir -p "$root"
 python eval.py --model_path="$sft" --shuffled=True --out_dir="$root/sft/eval" > /dev/null
 run_one() {  # seed method: train from the SFT checkpoint, then evaluate
   local run="$root/${2}_seed$1"
+  rm -rf "$run"  # a rerun of the comparison trains afresh (tgrpo.py refuses a used out_dir without --resume)
   # shellcheck disable=SC2086  # the method's flags are separate words
   python tgrpo.py --init_from="$sft" --seed="$1" ${methods[$2]} --max_steps="$steps" --lr="$lr" \
     --ckpt_interval="$steps" --out_dir="$run" > "$run.log" 2>&1

@@ -73,13 +73,13 @@ RANK_1_CLIPS_FAIL = ON_RANK_1 + ("import data\n    def fail(record, **limits):\n
 SAME_WEIGHTS_ON_RANKS = """
 import common, lifecycle, model, torch
 def weights_checked(save):
-    def checked(out_dir, step, tokenizer, optimizer, config):
+    def checked(out_dir, step, tokenizer, optimizer, config, consumed):
         if not common.is_zero3(optimizer.model):
             w = torch.cat([p.detach().double().flatten() for p in model.unwrap(optimizer.model).parameters()])
             gathered = [torch.zeros_like(w) for _ in range(common.WORLD)]
             torch.distributed.all_gather(gathered, w)
             assert all(torch.equal(g, gathered[0]) for g in gathered), f"ranks out of sync at step {step}"
-        return save(out_dir, step, tokenizer, optimizer, config)
+        return save(out_dir, step, tokenizer, optimizer, config, consumed)
     return checked
 lifecycle.save_checkpoint = weights_checked(lifecycle.save_checkpoint)
 """
@@ -102,3 +102,32 @@ def run_script(script, *args, nproc=1, before="", timeout=300):
         os.killpg(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0] + f"\n[killed after {timeout} s: a hang]"
     return proc.returncode, output
+
+
+UNTIL_A_MODEL_LOADS = """
+import runpy, sys
+import lifecycle
+def refuse(*args, **kwargs):
+    raise SystemExit("a model was loaded")
+lifecycle.load_model = refuse
+for argv in {argvs!r}:
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except BaseException as err:
+        print(argv[0], argv[-1], "->", type(err).__name__, str(err).splitlines()[0], flush=True)
+"""
+
+
+def run_until_a_model_loads(argvs):
+    """Run each argv (script, args...) in one process with lifecycle.load_model refused, so that a check before any
+    model loads shows its error and a run that passes every check stops with "SystemExit a model was loaded".
+    Returns the lines "script last-arg -> ErrorType first line of its message", one per argv, and the other lines
+    printed (notes)."""
+    result = subprocess.run([sys.executable, "-c", UNTIL_A_MODEL_LOADS.format(argvs=argvs)], text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = result.stdout.splitlines()
+    outcomes = [line for line in lines if line.startswith(tuple(f"{argv[0]} {argv[-1]} -> " for argv in argvs))]
+    assert len(outcomes) == len(argvs), result.stdout + result.stderr[-3000:]
+    return outcomes, [line for line in lines if line not in outcomes]

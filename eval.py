@@ -59,6 +59,8 @@ threads = 1
 attn = common.ATTN
 # also answer each video question on its frames shuffled (temporal reliance)
 shuffled = False
+# seconds a collective waits for a late rank before the run fails (why 900: sft.py)
+dist_timeout = 900
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
                           choices=dict(attn=model.ATTENTION))
@@ -355,7 +357,7 @@ def shuffle_flags(record):
 
 
 if __name__ == "__main__":
-    device = common.setup_distributed(threads, seed)
+    device = common.setup_distributed(threads, seed, dist_timeout)
     checkpoint = common.latest_checkpoint(model_path) or model_path
     json_paths = data.split(",")
     paths = {os.path.splitext(os.path.basename(path))[0]: path for path in json_paths}
@@ -377,8 +379,9 @@ if __name__ == "__main__":
     net.eval()
 
     # resume only a run of the same settings, so answers of another checkpoint or frame count
-    # never mix in
-    settings = {"checkpoint": checkpoint, **{k: v for k, v in config.items() if k != "out_dir"}}
+    # never mix in (out_dir and dist_timeout change no answer)
+    kept = {k: v for k, v in config.items() if k not in ("out_dir", "dist_timeout")}
+    settings = {"checkpoint": checkpoint, **kept}
     run_json = os.path.join(out_dir, "run.json")
     if common.RANK == 0 and not os.path.exists(run_json):
         os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,6 @@ and the model's part of a checkpoint (HF weights; under LoRA the adapter and the
 
 The forward pass lives in model.py, the generic run machinery (configurator, ranks, optimizer,
 atomic folders) in common.py; this module joins the two for the training scripts."""
-import json
 import os
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -97,16 +96,27 @@ def training_dtype(config, device):
     return torch.float32
 
 
-def start_training(config, init, device):
-    """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer and first
-    step: from `init`, or resumed from out_dir's latest checkpoint (LoRA: its adapter, on the base
-    it started from)."""
+def start_training(config, init, device, run_keys):
+    """A training script's model (under ZeRO the DeepSpeed engine), tokenizer, Optimizer, first
+    step and the records all ranks consumed before it (common.stream_position): from `init`, or
+    resumed from out_dir's latest checkpoint (LoRA: its adapter, on the base it started from).
+
+    Before any model loads, every rank refuses a new run in a used out_dir and a resume the
+    checkpoint does not allow (common.check_out_dir, common.check_resume with the script's
+    `run_keys`)."""
+    common.check_out_dir(config["out_dir"], config["resume"])
     ckpt = None
     if config["resume"]:
         ckpt = common.latest_checkpoint(config["out_dir"])
         if not ckpt:
             common.print0(f"WARNING: resume=True but {config['out_dir']} holds no checkpoint: "
                           "starting at step 0")
+    run = None
+    if ckpt:
+        run = common.check_resume(ckpt, config, run_keys)
+    # every rank has checked before rank 0 writes (its log): else a slower rank would find the
+    # new run's files and refuse
+    common.barrier()
 
     # the weights: the checkpoint's (under LoRA its adapter) or the starting folder's
     path = init
@@ -120,7 +130,7 @@ def start_training(config, init, device):
     opt = common.Optimizer(net, config["lr"], config["weight_decay"], config["grad_clip"],
                            deepspeed_config=config["deepspeed"])
     if not ckpt:
-        return opt.model, tokenizer, opt, 0
+        return opt.model, tokenizer, opt, 0, 0
 
     # the optimizer state; under LoRA DeepSpeed's files hold no frozen base (save_checkpoint), so
     # they load non-strict
@@ -130,9 +140,7 @@ def start_training(config, init, device):
     else:
         state = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
         opt.opt.load_state_dict(state)
-    with open(os.path.join(ckpt, "run.json")) as f:
-        step = json.load(f)["step"]
-    return opt.model, tokenizer, opt, step
+    return opt.model, tokenizer, opt, run["step"], run["consumed"]
 
 
 def frozen_reference(path, policy, deepspeed_config="", attn="sdpa"):
@@ -187,8 +195,9 @@ def write_model(folder, state_dict, tokenizer, optimizer):
     tokenizer.save_pretrained(folder)
 
 
-def save_checkpoint(out_dir, step, tokenizer, optimizer, config):
-    """common.save_checkpoint with this model's files (write_model); returns the step folder."""
+def save_checkpoint(out_dir, step, tokenizer, optimizer, config, consumed):
+    """common.save_checkpoint with this model's files (write_model); `consumed`: the records all
+    ranks consumed up to `step`. Returns the step folder."""
     def write(folder, state_dict):
         write_model(folder, state_dict, tokenizer, optimizer)
-    return common.save_checkpoint(out_dir, step, optimizer, config, write)
+    return common.save_checkpoint(out_dir, step, optimizer, config, write, consumed)

@@ -72,6 +72,14 @@ lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 lora_merger = False           # LoRA: also train the vision merger (the vision tower stays frozen)
 # a DeepSpeed json (configs/ds_zero2.json) to use ZeRO; "" = plain torch
 deepspeed = ""
+# seconds a collective waits for a late rank before the run fails: 3x the longest legitimate
+# wait, the ranks' at the barrier while rank 0 writes a merged 7B checkpoint (reads the 16.6 GB
+# base, writes 16.6 GB: ~5 min at 100 MB/s). torch's default: gloo 30 min, NCCL 10
+dist_timeout = 900
+# a resume keeps these (common.check_resume): the data stream, the start, the state's form
+RUN_KEYS = ("model_path", "data_dir", "train_json", "media_root", "val_records", "seed",
+            "batch_size", "grad_accum", "deepspeed", "lora_rank", "lora_alpha", "lora_dropout",
+            "lora_targets", "lora_merger")
 
 argv = sys.argv[1:] if __name__ == "__main__" else []  # imported (the tests): the defaults
 config = common.configure(globals(), argv, choices=dict(attn=model.ATTENTION))
@@ -139,7 +147,7 @@ def validation_loss(net, val, tokenizer, device):
 
 
 if __name__ == "__main__":
-    device = common.setup_distributed(threads, seed)
+    device = common.setup_distributed(threads, seed, dist_timeout)
 
     # the default run needs no download: the synthetic task and the tiny model are built here once
     default_data = data_dir == "out/synthetic"
@@ -161,7 +169,8 @@ if __name__ == "__main__":
     val = records[-val_records:]
 
     # the model and optimizer, from out_dir/latest under resume
-    net, tokenizer, opt, start = lifecycle.start_training(config, model_path, device)
+    net, tokenizer, opt, start, consumed = lifecycle.start_training(config, model_path, device,
+                                                                    RUN_KEYS)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
     common.print0(f"{len(train)} train / {len(val)} val records ({bad} bad skipped), "
                   f"{millions:.2f} M params, start at step {start}")
@@ -180,7 +189,8 @@ if __name__ == "__main__":
         tokens = 0
         for micro in range(grad_accum):
             # data: the next batch_size records of this rank in the endless record stream
-            position = ((step * grad_accum + micro) * common.WORLD + common.RANK) * batch_size
+            position = common.stream_position(consumed, step - start, batch_size, micro,
+                                              grad_accum)
             records_now = data.epoch_slice(train, position, batch_size, seed)
             b = make_batch(net, records_now, tokenizer, device)
             skipped += b.skipped
@@ -219,7 +229,11 @@ if __name__ == "__main__":
 
         # checkpoint
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            folder = lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config)
+            # the records all ranks consumed so far: where a resume continues, on any rank count
+            consumed_now = common.stream_position(consumed, step + 1 - start, batch_size,
+                                                  grad_accum=grad_accum, rank=0)
+            folder = lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config,
+                                               consumed_now)
             common.print0("checkpoint:", folder)
 
     common.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, "

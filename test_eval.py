@@ -251,7 +251,7 @@ def test_a_lora_adapter_folder_answers_as_its_merged_checkpoint(toy, tmp_path):
     g = torch.Generator().manual_seed(0)
     for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapter do something
         p.data += 0.5 * torch.randn(p.shape, generator=g)
-    step = lifecycle.save_checkpoint(str(tmp_path / "run"), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora)
+    step = lifecycle.save_checkpoint(str(tmp_path / "run"), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), lora, 0)
     answers = {}
     for name, path in (("adapter", os.path.join(step, lifecycle.ADAPTER)), ("merged", step), ("base", model_path)):
         summary, _ = run_eval((data_dir, path), tmp_path / name)

@@ -3,8 +3,8 @@ config fail early or are counted; a failed checkpoint write leaves the previous 
 import errno
 import json
 import os
-import subprocess
-import sys
+import shutil
+import time
 import numpy as np
 import pytest
 import torch
@@ -14,7 +14,7 @@ import data
 import common as C
 import model as M
 import sft
-from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script
+from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script, run_until_a_model_loads
 
 
 def test_loss_ignores_exactly_the_prompt_positions(toy):
@@ -62,13 +62,17 @@ def test_special_tokens_in_the_target_stay_plain_text(toy):
     assert target[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
+def sft_args(toy, out_dir, *args):
+    """The tests' sft.py arguments: 4 steps of 2 micro-batches of 2 records, and `args`."""
+    data_dir, model_path = toy
+    return [f"--data_dir={data_dir}", f"--model_path={model_path}", f"--out_dir={out_dir}", "--max_steps=4",
+            "--batch_size=2", "--grad_accum=2", "--val_records=8", "--eval_interval=2", "--warmup_steps=2",
+            "--ckpt_interval=100", *args]
+
+
 def run_sft(toy, out_dir, *args, nproc=1, before="", timeout=300):
     """stdout and stderr of an sft.py run, which must succeed."""
-    data_dir, model_path = toy
-    code, output = run_script("sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}", f"--out_dir={out_dir}",
-                              "--max_steps=4", "--batch_size=2", "--grad_accum=2", "--val_records=8",
-                              "--eval_interval=2", "--warmup_steps=2", "--ckpt_interval=100", *args, nproc=nproc,
-                              before=before, timeout=timeout)
+    code, output = run_script("sft.py", *sft_args(toy, out_dir, *args), nproc=nproc, before=before, timeout=timeout)
     assert code == 0, output[-6000:]
     return output
 
@@ -98,6 +102,7 @@ def test_resume_is_bit_exact(toy, tmp_path, lora):
     assert losses(read(tmp_path / "straight")) == losses(read(tmp_path / "split"))
     run = json.load(open(tmp_path / "split" / "step_000004" / "run.json"))
     assert run["step"] == 4 and run["config"]["batch_size"] == 2
+    assert run["consumed"] == 4 * 2 * 2 and run["world_size"] == 1  # steps x grad_accum x batch_size, 1 rank
 
 
 def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
@@ -138,12 +143,12 @@ def test_disk_full_during_a_checkpoint(tiny, tmp_path, monkeypatch):
     """A failed write says which checkpoint failed and that the previous one is intact, and leaves no .tmp folder."""
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
-    first = lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {"lr": 1e-3})
+    first = lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {"lr": 1e-3}, 0)
     for err in [OSError(errno.ENOSPC, "No space left on device"),
                 RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")]:
         monkeypatch.setattr(torch, "save", lambda *a, err=err, **k: (_ for _ in ()).throw(err))
         with pytest.raises(RuntimeError) as failure:
-            lifecycle.save_checkpoint(str(tmp_path), 2, tok, opt, {"lr": 1e-3})
+            lifecycle.save_checkpoint(str(tmp_path), 2, tok, opt, {"lr": 1e-3}, 0)
         assert f"writing {tmp_path / 'step_000002'} failed" in str(failure.value)
         assert f"the previous checkpoint is intact: {first}" in str(failure.value)
         assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001"]
@@ -151,19 +156,6 @@ def test_disk_full_during_a_checkpoint(tiny, tmp_path, monkeypatch):
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAIL_FAST = """
-import runpy, sys
-import lifecycle
-def refuse(*args, **kwargs):
-    raise SystemExit("a model was loaded")
-lifecycle.load_model = refuse
-for argv in {cases!r}:
-    sys.argv = argv
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-    except BaseException as err:
-        print(argv[0], argv[1], "->", type(err).__name__, str(err).splitlines()[0], flush=True)
-"""
 
 
 def test_bad_config_and_data_fail_before_any_model_loads(tmp_path):
@@ -191,11 +183,7 @@ def test_bad_config_and_data_fail_before_any_model_loads(tmp_path):
         ("sft.py", f"--train_json={tmp_path / 'no_process.json'}"): "DataError " + str(tmp_path / "no_process.json") +
         " record 0: 'process' missing",
     }
-    argvs = [[script, arg, *nowhere[script]] for script, arg in cases]
-    result = subprocess.run([sys.executable, "-c", FAIL_FAST.format(cases=argvs)], cwd=HERE, capture_output=True,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    lines = result.stdout.splitlines()
-    assert len(lines) == len(cases), result.stdout + result.stderr[-3000:]
+    lines, _ = run_until_a_model_loads([[script, *nowhere[script], arg] for script, arg in cases])
     for (script, arg), expected, line in zip(cases, cases.values(), lines):
         assert line.startswith(f"{script} {arg} -> {expected}"), line
 
@@ -234,6 +222,17 @@ def test_zero2_rank_whose_clips_all_fail_still_steps(toy, tmp_path):
     metrics = metrics_of(tmp_path)
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
     assert os.path.isfile(tmp_path / "step_000002" / "model.safetensors")
+
+    # resumed on 1 rank: refused before DeepSpeed (or any model) loads, saying how to go on (DeepSpeed's own error
+    # was "DP world size of 2 but the current world size is 1", and a bare AssertionError on one rank)
+    ckpt = tmp_path / "step_000002"
+    args = sft_args(toy, tmp_path, "--deepspeed=configs/ds_zero2.json", "--skip_bad=True", "--resume=True")
+    (line,), _ = run_until_a_model_loads([["sft.py", *args]])
+    assert line == (f"sft.py --resume=True -> ValueError {ckpt} was saved by 2 ranks under DeepSpeed, whose optimizer "
+                    "state is split by rank, and this run has 1: resume it on 2 ranks, or start a new run in another "
+                    f"out_dir from its weights with --model_path={ckpt} (under LoRA the merged weights there, or "
+                    f"--model_path={ckpt}/adapter for the adapter), which starts the optimizer state, the lr "
+                    "schedule and the data position afresh")
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +283,13 @@ def test_keep_checkpoints_deletes_older_ones(tiny, tmp_path):
     net, tok, _ = tiny
     opt = C.Optimizer(net, 1e-3, 0.0, 1.0)
     for step in (1, 2, 3):
-        lifecycle.save_checkpoint(str(tmp_path), step, tok, opt, {"keep_checkpoints": 2, "keep_weights": False})
+        lifecycle.save_checkpoint(str(tmp_path), step, tok, opt, {"keep_checkpoints": 2, "keep_weights": False}, 0)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000002", "step_000003"]
-    lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {"keep_checkpoints": 1})  # a rerun from step 1: keeps
+    lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {"keep_checkpoints": 1}, 0)  # a rerun from step 1: keeps
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
     before = os.stat(tmp_path / "step_000001" / "model.safetensors").st_ino
-    lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {})  # step 1 written again: replaced whole, no .old or .tmp left
+    # step 1 written again: replaced whole, no .old or .tmp left
+    lifecycle.save_checkpoint(str(tmp_path), 1, tok, opt, {}, 0)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_000001", "step_000002", "step_000003"]
     assert os.stat(tmp_path / "step_000001" / "model.safetensors").st_ino != before
     assert C.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000001")
@@ -301,3 +301,114 @@ def test_threads_fix_the_cpu_thread_count():
         assert C.setup_distributed(threads=1) == "cpu" and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# Resuming: the data position on any number of ranks, what a resume may change, a used out_dir, a stalled rank.
+
+LOG_RECORDS = """
+import json, data
+slice_records = data.epoch_slice
+def logged(records, first, count, seed):
+    chosen = slice_records(records, first, count, seed)
+    with open({path!r}, "a") as f:
+        f.write(json.dumps([first, [r["problem_id"] for r in chosen]]) + "\\n")
+    return chosen
+data.epoch_slice = logged
+"""
+
+
+def records_read(path):
+    """[stream position, problem ids] of every batch the ranks of a run read (LOG_RECORDS), in stream order."""
+    return sorted(json.loads(line) for line in open(path))
+
+
+def test_two_ranks_resumed_on_one_read_the_records_of_an_uninterrupted_run(toy, tmp_path):
+    """2 ranks for 2 steps, then resumed on 1 rank: the data position is the records all ranks consumed (run.json),
+    so the stream goes on where it stopped: no record read twice, none skipped (it was step x ranks: records 8-15
+    read again). Between the two, a new run into the used out_dir is refused on both ranks, and writes nothing."""
+    split = tmp_path / "split"
+    run_sft(toy, split, "--run_steps=2", nproc=2, before=LOG_RECORDS.format(path=str(tmp_path / "split.log")))
+    run = json.load(open(split / "step_000002" / "run.json"))
+    assert run["consumed"] == 2 * 2 * 2 * 2 and run["world_size"] == 2  # steps x grad_accum x ranks x batch_size
+
+    # a new run (no --resume) into it: refused on every rank, before anything is written
+    files = sorted(os.listdir(split))
+    log = (split / "metrics.jsonl").read_text()
+    code, output = run_script("sft.py", *sft_args(toy, split), nproc=2, timeout=240)
+    refusal = (f"FileExistsError: out_dir {split} already holds a run (latest: step_000002): --resume=True continues "
+               "it; choose another out_dir to start afresh (or delete it)")
+    assert code != 0 and f"[rank0]: {refusal}" in output and f"[rank1]: {refusal}" in output, output[-3000:]
+    assert sorted(os.listdir(split)) == files and (split / "metrics.jsonl").read_text() == log
+
+    # resumed on 1 rank, with another lr: taken, with a note
+    output = run_sft(toy, split, "--resume=True", "--lr=0.001",
+                     before=LOG_RECORDS.format(path=str(tmp_path / "split.log")))
+    assert f"resuming {split / 'step_000002'} with changed settings: lr 0.002 -> 0.001, run_steps 2 -> 0" in output
+    run = json.load(open(split / "step_000004" / "run.json"))
+    assert run["consumed"] == 16 + 2 * 2 * 2 and run["world_size"] == 1
+
+    # an uninterrupted run over as many records (6 steps on 1 rank) reads the same records in the same order
+    run_sft(toy, tmp_path / "straight", "--max_steps=6", before=LOG_RECORDS.format(path=str(tmp_path / "straight.log")))
+    resumed = records_read(tmp_path / "split.log")
+    assert [position for position, _ in resumed] == list(range(0, 24, 2))
+    assert resumed == records_read(tmp_path / "straight.log")
+
+
+def test_a_resume_keeps_what_defines_the_run_and_notes_other_changes(toy, tmp_path):
+    """Each case runs sft.py with lifecycle.load_model refused, on a 1-step checkpoint: a resume with another value of
+    a run-defining key (the data order, the kind of run: DeepSpeed or LoRA, whose state the checkpoint holds in
+    another form) is refused naming each key with both values, as is a checkpoint without a data position and a new
+    run in a used out_dir; another lr is taken, with a note."""
+    run_dir = tmp_path / "run"
+    run_sft(toy, run_dir, "--run_steps=1")
+    ckpt = run_dir / "step_000001"
+    old = tmp_path / "old"  # a checkpoint written before run.json held the data position
+    shutil.copytree(run_dir, old)
+    run = json.load(open(old / "step_000001" / "run.json"))
+    del run["consumed"]
+    del run["world_size"]
+    (old / "step_000001" / "run.json").write_text(json.dumps(run))
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1}\n')
+
+    resume = ["sft.py", *sft_args(toy, run_dir), "--resume=True"]
+    differ = f"ValueError cannot resume {ckpt} with other values of the keys that define the run: "
+    how = (". Pass the checkpoint's values to resume it, or start a new run in another out_dir from its weights with "
+           f"--model_path={ckpt}")
+    cases = [
+        (["sft.py", *sft_args(toy, run_dir), "--resume=False"],
+         f"FileExistsError out_dir {run_dir} already holds a run (latest: step_000001): --resume=True continues it; "
+         "choose another out_dir to start afresh (or delete it)"),
+        (["sft.py", *sft_args(toy, killed), "--resume=False"],
+         f"FileExistsError out_dir {killed} already holds a run (latest: none, only metrics.jsonl)"),
+        ([*resume, "--seed=1", "--batch_size=4"],
+         differ + "seed 0 in the checkpoint, 1 now; batch_size 2 in the checkpoint, 4 now" + how),
+        ([*resume, "--deepspeed=configs/ds_zero2.json"],
+         differ + "deepspeed '' in the checkpoint, 'configs/ds_zero2.json' now" + how),
+        ([*resume, "--lora_rank=4"], differ + "lora_rank 0 in the checkpoint, 4 now" + how),
+        (["sft.py", *sft_args(toy, old), "--resume=True"],
+         f"ValueError {old / 'step_000001'} has no data position in its run.json: it was written before checkpoints "
+         "kept one"),
+        ([*resume, "--lr=0.001"], "SystemExit a model was loaded"),
+    ]
+    lines, notes = run_until_a_model_loads([argv for argv, _ in cases])
+    for (argv, expected), line in zip(cases, lines):
+        assert line.startswith(f"sft.py {argv[-1]} -> {expected}"), line
+    assert f"resuming {ckpt} with changed settings: lr 0.002 -> 0.001, run_steps 1 -> 0" in notes
+
+
+RANK_1_STALLS = ON_RANK_1 + ("import time, data\n    load = data.load_examples\n    calls = []\n"
+                             "    def stall(*args, **kwargs):\n        calls.append(1)\n"
+                             "        if len(calls) == 3:\n            time.sleep(600)\n"
+                             "        return load(*args, **kwargs)\n    data.load_examples = stall")
+
+
+def test_a_stalled_rank_fails_the_run_after_dist_timeout(toy, tmp_path):
+    """Rank 1 stalls reading its third batch (step 2) under ZeRO-2: rank 0 waits in DeepSpeed's gradient all-reduce,
+    on a group DeepSpeed made itself, and the run fails after dist_timeout (5 s), not gloo's default 30 min."""
+    start = time.time()
+    args = sft_args(toy, tmp_path, "--deepspeed=configs/ds_zero2.json", "--dist_timeout=5")
+    code, output = run_script("sft.py", *args, nproc=2, before=RANK_1_STALLS, timeout=240)
+    assert code != 0 and "Timed out waiting 5000ms" in output, output[-3000:]
+    assert time.time() - start < 150

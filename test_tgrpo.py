@@ -16,7 +16,7 @@ import data
 import model as M
 import sft
 import tgrpo
-from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script
+from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script, run_until_a_model_loads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -185,12 +185,17 @@ def test_without_contrast_rollouts_no_contrast_clip_is_built(toy, monkeypatch):
     assert not any(s for _, s in rows) and len(batch.clips) == 1
 
 
+def tgrpo_args(toy, out_dir, *args):
+    """The tests' tgrpo.py arguments: 4 steps of 2 prompts, G = 4, G~ = 2, 6 new tokens, and `args`."""
+    data_dir, model_path = toy
+    return [f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}", "--max_steps=4",
+            "--batch_size=2", "--num_generations=4", "--num_contrast=2", "--max_new_tokens=6", "--lr=1e-3",
+            "--ckpt_interval=100", *args]
+
+
 def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None, stdout=None, before="", timeout=300):
     """metrics.jsonl of a tgrpo.py run (its stdout and stderr appended to the list `stdout` when given)."""
-    data_dir, model_path = toy
-    code, output = run_script("tgrpo.py", f"--data_dir={data_dir}", f"--init_from={model_path}", f"--out_dir={out_dir}",
-                              "--max_steps=4", "--batch_size=2", "--num_generations=4", "--num_contrast=2",
-                              "--max_new_tokens=6", "--lr=1e-3", "--ckpt_interval=100", *args,
+    code, output = run_script("tgrpo.py", *tgrpo_args(toy, out_dir, *args),
                               *([f"--train_json={rl_json}"] if rl_json else []), nproc=nproc, before=before,
                               timeout=timeout)
     assert code == 0, output[-6000:]
@@ -212,6 +217,18 @@ def test_resume_is_bit_exact(toy, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     keys = ["step", "reward", "accuracy", "format", "temporal_bonus", "loss", "kl", "response_length"]
     assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
+
+    # with another KL reference (init_from) or contrast count, refused before any model loads; another lr is taken
+    ckpt = tmp_path / "b" / "step_000004"
+    resume = ["tgrpo.py", *tgrpo_args(toy, tmp_path / "b"), "--resume=True", "--max_steps=6"]
+    lines, notes = run_until_a_model_loads([[*resume, f"--init_from={tmp_path / 'a'}"], [*resume, "--num_contrast=0"],
+                                            [*resume, "--lr=0.002"]])
+    differ = f"tgrpo.py {{}} -> ValueError cannot resume {ckpt} with other values of the keys that define the run: "
+    assert lines[0].startswith(differ.format(f"--init_from={tmp_path / 'a'}") +
+                               f"init_from '{toy[1]}' in the checkpoint, '{tmp_path / 'a'}' now. "), lines[0]
+    assert lines[1].startswith(differ.format("--num_contrast=0") + "num_contrast 2 in the checkpoint, 0 now. ")
+    assert lines[2] == "tgrpo.py --lr=0.002 -> SystemExit a model was loaded"
+    assert f"resuming {ckpt} with changed settings: max_steps 4 -> 6, lr 0.001 -> 0.002" in notes
 
 
 def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
@@ -408,7 +425,7 @@ def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch,
     g = torch.Generator().manual_seed(0)
     for p in (p for p in net.parameters() if p.requires_grad):  # lora_B starts at 0: make the adapters do something
         p.data += 0.1 * torch.randn(p.shape, generator=g)
-    step = lifecycle.save_checkpoint(str(tmp_path), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4})
+    step = lifecycle.save_checkpoint(str(tmp_path), 1, tok, C.Optimizer(net, 1e-3, 0.0, 1.0), {"lora_rank": 4}, 0)
     logprobs = lambda model: M.completion_logprobs(model.eval(), batch, ids, mask)
     with torch.no_grad():
         policy = logprobs(net)

@@ -101,7 +101,14 @@ lora_dropout = 0.0
 lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 lora_merger = False         # LoRA: also train the vision merger (the vision tower stays frozen)
 deepspeed = ""              # configs/ds_zero3.json at paper scale
+# seconds a collective waits for a late rank before the run fails (why 900: sft.py)
+dist_timeout = 900
 # -----------------------------------------------------------------------------
+# a resume keeps these (common.check_resume): the data stream, the start (the KL reference) and
+# the form of the saved state
+RUN_KEYS = ("init_from", "data_dir", "train_json", "media_root", "seed", "batch_size",
+            "num_generations", "num_contrast", "deepspeed",
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_merger")
 # config files and --key=value from the command line (a test or bench.py importing this: defaults)
 argv = sys.argv[1:] if __name__ == "__main__" else []
 choices = dict(temporal_rule=tuple(rewards.RULES),
@@ -378,11 +385,13 @@ def log_samples(samples, step, out, texts, scores):
 
 
 if __name__ == "__main__":
-    device = common.setup_distributed(threads, seed)
+    device = common.setup_distributed(threads, seed, dist_timeout)
     rl_json = train_json or os.path.join(data_dir, "rl.json")
     train, bad = data.load_records(rl_json, media_root or None, skip_bad)
     init = common.latest_checkpoint(init_from) or init_from
-    policy, tokenizer, opt, start = lifecycle.start_training(config, init, device)
+    # consumed: records all ranks have read before `start` (the stream position, on any rank count)
+    started = lifecycle.start_training(config, init, device, RUN_KEYS)
+    policy, tokenizer, opt, start, consumed = started
     # the KL reference: under LoRA the policy itself, adapters off (train_step); else a frozen copy
     ref = None
     if beta and lora_rank:
@@ -405,7 +414,7 @@ if __name__ == "__main__":
 
         # rollout: G ordered (and G~ shuffled) responses per prompt of this rank's share of the data
         policy.eval()
-        first = (step * common.WORLD + common.RANK) * batch_size
+        first = common.stream_position(consumed, step - start, batch_size)
         records_now = data.epoch_slice(train, first, batch_size, seed)
         # every rank enters the generation phase, even one whose clips all failed
         with common.generation_phase(policy):
@@ -448,7 +457,10 @@ if __name__ == "__main__":
 
         # checkpoint
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:
-            folder = lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config)
+            # the records all ranks have read through this step: where a resume goes on
+            consumed_now = common.stream_position(consumed, step + 1 - start, batch_size, rank=0)
+            folder = lifecycle.save_checkpoint(out_dir, step + 1, tokenizer, opt, config,
+                                               consumed_now)
             common.print0("checkpoint:", folder)
 
     common.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, "
