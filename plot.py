@@ -15,11 +15,18 @@ METHODS = {
     "tgrpo_adv": "T-GRPO, bonus_to=advantage",
     "tgrpo_noscale": "T-GRPO, scale_rewards=False",
     "grpo_noscale": "GRPO, scale_rewards=False",
+    "tgrpo_strict": "T-GRPO, strict_contrast=True",
+    "tgrpo_credit": "T-GRPO, temporal_credit=True",
 }
-CURVES = [("reward", "total reward (T-GRPO's includes the bonus)"),
-          ("bonus_granted", "video groups with p >= mu * p~\n(the bonus is paid by T-GRPO only)"),
+CURVES = [("accuracy", "training accuracy (ordered rollouts)"),
+          ("reward", "total reward (T-GRPO's includes the bonus)"),
+          ("bonus_granted_mixed", "grant rate where a bonus can matter\n(some, not all, correct; "
+                                  "paid by T-GRPO only)"),
           ("p_gap", "p - p~ (ordered minus shuffled correct)"),
-          ("advantage_change", "mean |advantage change| the bonus made")]
+          ("advantage_change", "mean |advantage change| the bonus made"),
+          ("kl", "KL(pi || pi_ref), k3 per token"),
+          ("neg_logp", "mean -log pi of sampled tokens (entropy)"),
+          ("response_length", "response length (tokens)")]
 SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
 # the table's columns: eval accuracy of each family kind on ordered and shuffled frames, and the gap
 ROWS = [(family, metric)
@@ -32,13 +39,15 @@ def curve(path, key):
     if key == "p_gap":
         values = [r["p"] - r["p_contrast"] for r in rows]
     else:
-        values = [r[key] for r in rows]
+        # a key older logs lack: NaN
+        values = [r.get(key, float("nan")) for r in rows]
     values = np.array(values, dtype=float)
     # NaN (a step without a video prompt) is left out of its window's mean
     window = np.ones(SMOOTH)
     sums = np.convolve(np.nan_to_num(values), window, "valid")
     counts = np.convolve(~np.isnan(values), window, "valid")
-    return sums / counts
+    with np.errstate(invalid="ignore"):  # a window without values: NaN
+        return sums / counts
 
 def methods(root):
     """Run names (the part before _seed) found under root: tgrpo, grpo, and any variant such as
@@ -50,7 +59,7 @@ def methods(root):
 
 def plot(root):
     """Each method's CURVES, mean +- std over its seeds, into root/curves.png."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 7.5))
     for method, label in methods(root).items():
         paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
         for ax, (key, title) in zip(axes.flat, CURVES):
@@ -69,8 +78,15 @@ def plot(root):
     fig.tight_layout()
     fig.savefig(Path(root) / "curves.png", dpi=110)
 
+def binomial_error(p, n):
+    """The standard error of a mean of n scores in [0, 1] with mean p: sqrt(p (1 - p) / n), exact
+    for 0/1 scores and an upper bound for partial ones (OCR, free-form, regression)."""
+    return np.sqrt(p * (1 - p) / n)
+
+
 def table(root):
-    """A markdown table of eval accuracy (ROWS), mean +- std over seeds, SFT's start first."""
+    """A markdown table of eval accuracy (ROWS), mean +- std over seeds, SFT's start first; the
+    ordered and shuffled cells add [the binomial error of one eval] of that many videos."""
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
     for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
@@ -83,8 +99,11 @@ def table(root):
         cells = []
         for family, metric in ROWS:
             values = 100 * np.array([g[family][metric] for g in groups])
-            sign = "+" if metric == "gap" else ""
-            cells.append(f"{values.mean():{sign}.1f} ± {values.std():.1f}")
+            if metric == "gap":
+                cells.append(f"{values.mean():+.1f} ± {values.std():.1f}")
+                continue
+            error = 100 * binomial_error(values.mean() / 100, groups[0][family]["videos"])
+            cells.append(f"{values.mean():.1f} ± {values.std():.1f} [{error:.1f}]")
         lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -94,4 +113,5 @@ if __name__ == "__main__":
         root = sys.argv[1]
     plot(root)
     print(table(root))
+    print("mean ± std over seeds; [ ]: the binomial standard error of one eval of that many videos")
     print(f"curves: {Path(root) / 'curves.png'}")

@@ -143,10 +143,12 @@ def length_bonus(accuracies, lengths, rule="paper", bonus=LENGTH_BONUS, min_len=
         return [0.0] * len(accuracies)
     return [bonus if c and min_len <= n <= max_len else 0.0 for c, n in zip(correct, lengths)]
 
-def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None):
+def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None, threshold=None,
+                   strict=False):
     """T-GRPO temporal reward: (bonus per ordered response, p, p_tilde, granted), by `rule`
     (DETAILS.md, "Reward semantics"). Contrast responses only measure p~; images have none, so
-    calling this without them is an error."""
+    calling this without them is an error. strict=True grants only when p > mu * p~: the paper's
+    p >= mu * p~ also pays ties, groups whose answers are as good shuffled (p = p~ = 0 included)."""
     # len(): also works for numpy arrays
     if len(ordered_acc) == 0 or len(contrast_acc) == 0:
         raise ValueError("temporal_bonus needs non-empty ordered and contrast groups "
@@ -166,9 +168,26 @@ def temporal_bonus(ordered_acc, contrast_acc, rule="paper", alpha=ALPHA, mu=None
         p_tilde = float(np.mean(contrast_acc))
 
     # the bonus: alpha to each correct ordered response, when ordered frames beat shuffled ones
-    granted = bool(p >= mu * p_tilde)
+    if strict:
+        granted = bool(p > mu * p_tilde)
+    else:
+        granted = bool(p >= mu * p_tilde)
     bonus = [alpha if granted and c else 0.0 for c in correct]
     return bonus, p, p_tilde, granted
+
+def temporal_credit(logp_ordered, logp_shuffled, mask) -> np.ndarray:
+    """Response-level temporal credit, per response: clip(mean_t[log pi(o_t | ordered frames)
+    - log pi(o_t | shuffled frames)], 0, 1) over the response's own tokens (mask 1). A response
+    the shuffled frames make less likely used the order; one as likely shuffled gets 0. Arrays
+    (N, T); a response without tokens gets 0."""
+    lo = np.asarray(logp_ordered, dtype=np.float64)
+    ls = np.asarray(logp_shuffled, dtype=np.float64)
+    m = np.asarray(mask, dtype=np.float64)
+    if not lo.shape == ls.shape == m.shape:
+        raise ValueError(f"shapes {lo.shape}, {ls.shape} and mask {m.shape} differ")
+    tokens = m.sum(-1)
+    gain = ((lo - ls) * m).sum(-1) / np.maximum(tokens, 1)
+    return np.clip(gain, 0.0, 1.0)
 
 def group_advantages(rewards, eps=ADV_EPS, scale=True) -> np.ndarray:
     """(R - mean) / (std + eps) within a group, unbiased std as officially; zeros for one response

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rewards import (ADV_EPS, ALPHA, PROBLEM_TYPES, accuracy_reward, advantages, extract_answer, format_reward,
-                     group_advantages, is_correct, length_bonus, rouge_mean, temporal_bonus, wer)
+                     group_advantages, is_correct, length_bonus, rouge_mean, temporal_bonus,
+                     temporal_credit, wer)
 
 
 def tag(s):
@@ -269,6 +270,39 @@ def test_temporal_bonus(ordered, shuffled, kwargs, bonus, p, p_tilde, granted):
     assert got_bonus == pytest.approx(bonus)
     assert (got_p, got_pt) == pytest.approx((p, p_tilde))
     assert got_granted is granted
+
+
+@pytest.mark.parametrize("ordered, shuffled, paper, strict", [
+    ([1, 1, 0, 0], [1, 0], True, False),     # a tie, p = p~ = 0.5: as good shuffled
+    ([0, 0, 0, 0], [0, 0], True, False),     # a tie at p = p~ = 0 (nothing to pay either way)
+    ([1, 1, 1, 1], [1, 1], True, False),     # a tie at p = p~ = 1
+    ([1, 1, 1, 0], [1, 0], True, True),      # p = 0.75 > p~ = 0.5
+    ([1, 0, 0, 0], [1, 0], False, False),    # p < p~
+])
+def test_strict_contrast_pays_no_ties(ordered, shuffled, paper, strict):
+    """The paper's p >= mu * p~ grants ties; strict=True grants only p > mu * p~."""
+    bonus, p, p_tilde, granted = temporal_bonus(ordered, shuffled)
+    assert granted is paper
+    strict_bonus, _, _, strict_granted = temporal_bonus(ordered, shuffled, strict=True)
+    assert strict_granted is strict
+    if not strict:
+        assert strict_bonus == [0.0] * len(ordered)
+    # the paper's tie pays every correct response; the strict rule none of them
+    if paper and p == p_tilde and p > 0:
+        assert sum(bonus) == pytest.approx(0.3 * sum(ordered)) and sum(strict_bonus) == 0
+
+
+def test_temporal_credit_by_hand():
+    """clip(mean over a response's tokens of log pi(o | ordered) - log pi(o | shuffled), 0, 1)."""
+    ordered = [[-0.1, -0.2, -0.3], [-1.0, -1.0, -9.0], [-0.5, -0.5, -0.5], [-3.0, -0.1, -0.1]]
+    shuffled = [[-0.4, -0.5, -0.3], [-0.5, -1.0, -0.0], [-4.0, -2.0, -0.5], [-3.0, -0.1, -0.1]]
+    mask = [[1, 1, 1], [1, 1, 0], [1, 1, 0], [0, 0, 0]]
+    credit = temporal_credit(ordered, shuffled, mask)
+    # row 0: (0.3 + 0.3 + 0) / 3; row 1: (-0.5 + 0) / 2 < 0 (the padded -9 is not counted);
+    # row 2: (3.5 + 1.5) / 2 = 2.5, clipped to 1; row 3: no tokens
+    assert credit.tolist() == pytest.approx([0.2, 0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="shapes"):
+        temporal_credit([[0.0]], [[0.0, 0.0]], [[1]])
 
 
 def test_temporal_bonus_errors():

@@ -177,6 +177,67 @@ def test_ordered_rows_beating_shuffled_earn_the_bonus_unless_plain_grpo(toy, mon
     assert stats["bonus_granted"] == [0.0] and rewards_[0] == pytest.approx(2.0)  # p = 0.25 < p~ = 1
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_contrast_pays_no_ties_and_the_mixed_grant_rate(toy, monkeypatch, strict):
+    """p = p~ = 0.5: the paper's rule pays the 2 right ordered rows, the strict one nothing. The grant rate over
+    the groups where a bonus can matter leaves out a group with every ordered answer wrong."""
+    monkeypatch.setattr(tgrpo, "strict_contrast", strict)
+    _, _, (record,) = load_examples(toy, ["video"], 1)
+    right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
+    examples = [data.Example(record, None, None, object())] * 2
+    rows = ([tgrpo.Row(0, False)] * 4 + [tgrpo.Row(0, True)] * 2
+            + [tgrpo.Row(1, False)] * 4 + [tgrpo.Row(1, True)] * 2)
+    texts = [right, right, wrong, wrong, right, wrong] + [wrong] * 6   # group 1: p = p~ = 0
+    scores = tgrpo.score(examples, rows, texts, [5] * 12)
+    paid = 0.3
+    if strict:
+        paid = 0.0
+    assert scores.temporal_bonus[:4].tolist() == pytest.approx([paid, paid, 0, 0])
+    assert scores.bonus_granted == [float(not strict), float(not strict)]
+    assert scores.bonus_granted_mixed == [float(not strict)]   # group 1 has no correct answer
+    assert set(scores.temporal_bonus[6:]) == {0.0}
+
+
+def test_credit_scales_each_correct_rows_bonus(toy):
+    _, _, (record,) = load_examples(toy, ["video"], 1)
+    right, wrong = record["process"] + record["solution"], "<think>x</think><answer>zzz</answer>"
+    examples = [data.Example(record, None, None, object())]
+    rows = [tgrpo.Row(0, False)] * 4 + [tgrpo.Row(0, True)] * 2
+    credit = np.array([0.5, 0.0, 1.0, 0.7, 0.0, 0.0])
+    scores = tgrpo.score(examples, rows, [right, right, wrong, right, wrong, wrong], [5] * 6, credit)
+    assert scores.temporal_bonus[:4].tolist() == pytest.approx([0.15, 0.0, 0.0, 0.21])
+    assert scores.credit == pytest.approx([0.5, 0.0, 1.0, 0.7])
+
+
+def test_response_credit_equals_a_hand_computation(toy, monkeypatch):
+    """Each ordered video row's credit from its own log-probs on the ordered and the shuffled clip, row by row;
+    0 for contrast rows and for images."""
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 5)
+    monkeypatch.setattr(tgrpo, "num_generations", 3)
+    monkeypatch.setattr(tgrpo, "num_contrast", 2)
+    net, tok, records = load_examples(toy, ["video", "image"], 1)
+    out = tgrpo.rollout(net, records, tok, 0, "cpu")
+    credit = tgrpo.response_credit(net, out)
+    shuffled_clip = {row.prompt: out.batch.row_clip[b] for b, row in enumerate(out.rows) if row.contrast}
+    hand = []
+    for b, row in enumerate(out.rows):
+        is_video = row.prompt in shuffled_clip
+        if row.contrast or not is_video:
+            hand.append(0.0)
+            continue
+        one = out.batch.select([b])
+        on_shuffled = M.PromptBatch(**{**vars(one), "row_clip": [shuffled_clip[row.prompt]]})
+        with torch.no_grad():
+            ordered = M.completion_logprobs(net, one, out.ids[[b]], out.mask[[b]])[0]
+            shuffled = M.completion_logprobs(net, on_shuffled, out.ids[[b]], out.mask[[b]])[0]
+        tokens = out.mask[b].bool()
+        gain = (ordered[tokens] - shuffled[tokens]).double().mean().item()
+        hand.append(min(1.0, max(0.0, gain)))
+    assert len(out.rows) == 3 + 2 + 3 and credit.tolist() == pytest.approx(hand, abs=1e-5)
+    assert any(0 < c < 1 for c in hand)  # the clip does not hide the computation (seed 0: one row)
+    assert credit[[b for b, row in enumerate(out.rows) if row.contrast]].tolist() == [0.0, 0.0]
+
+
 def test_without_contrast_rollouts_no_contrast_clip_is_built(toy, monkeypatch):
     monkeypatch.setattr(tgrpo, "num_contrast", 0)
     monkeypatch.setattr(tgrpo, "max_new_tokens", 2)

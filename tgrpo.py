@@ -12,6 +12,7 @@ One step, per prompt q of the batch (images and videos mixed):
   r_i   = accuracy_i + format_i (+ length bonus)
   p, p~ = share of correct ordered / shuffled responses
   r_t   = alpha if p >= mu * p~ else 0                                                (eq. 1)
+          (strict_contrast: p > mu * p~; temporal_credit: r_t scaled per response, below)
   R_i   = r_i + r_t if o_i is correct else r_i                                        (eq. 2)
   A_i   = (R_i - mean R) / (std R + eps) over the G ordered responses                 (eq. 3)
   J     = mean_tokens[ min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i)
@@ -25,6 +26,7 @@ accuracies and one format reward per group eq. 3's std division cancels the bonu
 (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
 """
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -54,6 +56,11 @@ temporal = True
 temporal_rule = "paper"     # "paper" or "official" (rewards.temporal_bonus)
 alpha = 0.3                 # temporal reward (eq. 1)
 mu = 1.0                    # p >= mu * p~ (paper 1.0, official 0.8)
+# True: r_t only when p > mu * p~; the paper's >= also pays groups as good shuffled (p = p~ = 0 too)
+strict_contrast = False
+# True: each correct ordered response's r_t times its credit, clip(mean_t[log pi(o | ordered)
+# - log pi(o | shuffled)], 0, 1): the responses that used the order (one more no-grad pass)
+temporal_credit = False
 # accuracy counted as correct, by both bonuses (paper >= 0.5, official > 0.1)
 correct_threshold = 0.5
 bonus_to = "reward"         # where r_t goes: "reward" (eq. 2, paper) or "advantage" (added to A_i)
@@ -119,6 +126,9 @@ choices = dict(temporal_rule=tuple(rewards.RULES),
                batch_size=range(1, 2**16),
                num_generations=range(2, 2**16))
 config = common.configure(globals(), argv, choices)
+if temporal_credit and deepspeed:
+    # its extra forward runs outside the engine, where ZeRO-3's weights are partitioned
+    raise ValueError("temporal_credit runs without DeepSpeed only")
 # official: one token's log pi_ref/pi beyond +-10 would make k3 overflow
 KL_LOG_RATIO_CLAMP = 10.0
 
@@ -182,6 +192,36 @@ def rollout(policy, records, tokenizer, step, device):
     return Rollout(examples, rows, batch, ids, mask, skipped)
 
 
+def response_credit(policy, out):
+    """(B,) the response-level temporal credit (rewards.temporal_credit) of every ordered row of a
+    video with contrast rows; 0 for contrast rows and images. One no-grad log-prob pass of those
+    responses, on their ordered clip and pointed at their prompt's shuffled clip (the same prompt
+    tokens and positions: a shuffle keeps the clip's shape)."""
+    credit = np.zeros(len(out.rows))
+    # each video prompt's shuffled clip: the one its contrast rows show
+    shuffled_clip = {}
+    for b, row in enumerate(out.rows):
+        if row.contrast:
+            shuffled_clip[row.prompt] = out.batch.row_clip[b]
+    chosen = [b for b, row in enumerate(out.rows)
+              if not row.contrast and row.prompt in shuffled_clip]
+    if not chosen:
+        return credit
+
+    # the chosen rows twice: first on their own clips, then on the shuffled ones
+    n = len(chosen)
+    both = out.batch.select(chosen + chosen)
+    on_shuffled = [shuffled_clip[out.rows[b].prompt] for b in chosen]
+    both = dataclasses.replace(both, row_clip=both.row_clip[:n] + on_shuffled)
+    ids = out.ids[chosen + chosen]  # (2n, T)
+    mask = out.mask[chosen + chosen]  # (2n, T)
+    with torch.no_grad():
+        logp = model.completion_logprobs(policy, both, ids, mask).float().cpu()  # (2n, T)
+    credit[chosen] = rewards.temporal_credit(logp[:n].numpy(), logp[n:].numpy(),
+                                             mask[:n].float().cpu().numpy())
+    return credit
+
+
 def ordered_rows(rows):
     """Indices of the ordered rows, the only ones the loss and the logged rewards see (contrast rows
     measure p~)."""
@@ -200,11 +240,15 @@ class Scores(NamedTuple):
     p: list                     # per video group: the share of correct ordered responses
     p_contrast: list            # per video group: the share of correct shuffled ones, p~
     bonus_granted: list         # per video group: 1.0 where eq. 1 grants r_t, else 0.0
+    # bonus_granted of the video groups where a bonus can matter: some, not all, responses correct
+    bonus_granted_mixed: list
+    credit: list                # per ordered row of a video group: its credit (temporal_credit)
     advantage_change: list      # per prompt: the mean |A_i - A_i without r_t| (rewards.advantages)
 
 
-def score(examples, rows, texts, lengths):
-    """The rewards R_i and advantages A_i of the ordered rows, one group per prompt (eq. 1-3)."""
+def score(examples, rows, texts, lengths, credit=None):
+    """The rewards R_i and advantages A_i of the ordered rows, one group per prompt (eq. 1-3).
+    credit: (B,) response_credit's, which scales each row's r_t (temporal_credit), or None."""
     accuracy = []
     for b, row in enumerate(rows):
         record = examples[row.prompt].record
@@ -219,6 +263,8 @@ def score(examples, rows, texts, lengths):
     p = []
     p_contrast = []
     bonus_granted = []
+    bonus_granted_mixed = []
+    credits = []
     advantage_change = []
     for i, example in enumerate(examples):
         group = [b for b, row in enumerate(rows) if row == Row(i, False)]
@@ -232,12 +278,20 @@ def score(examples, rows, texts, lengths):
             contrast_rows = [b for b, row in enumerate(rows) if row == Row(i, True)]
             paid, p_i, p_contrast_i, granted = rewards.temporal_bonus(
                 accuracy[group], accuracy[contrast_rows],
-                temporal_rule, alpha, mu, correct_threshold)
+                temporal_rule, alpha, mu, correct_threshold, strict_contrast)
+            if credit is not None:
+                paid = np.asarray(paid) * credit[group]
+                credits.extend(credit[group].tolist())
             if temporal:  # plain GRPO measures p and p~, for comparison, but pays nothing
                 bonus[group] = paid
             p.append(p_i)
             p_contrast.append(p_contrast_i)
             bonus_granted.append(float(granted))
+            # where all or none are correct, a bonus on the correct ones changes no advantage
+            correct = [rewards.is_correct(a, correct_threshold, temporal_rule)
+                       for a in accuracy[group]]
+            if 0 < sum(correct) < len(group):
+                bonus_granted_mixed.append(float(granted))
 
         # the group's advantages (eq. 2-3), the bonus on the reward or on the advantage (bonus_to)
         base = accuracy[group] + fmt[group] + length[group]
@@ -247,7 +301,7 @@ def score(examples, rows, texts, lengths):
         total[group] = base + bonus[group]
         advantage_change.append(change)
     return Scores(accuracy, fmt, length, bonus, total, advantages,
-                  p, p_contrast, bonus_granted, advantage_change)
+                  p, p_contrast, bonus_granted, bonus_granted_mixed, credits, advantage_change)
 
 
 class UpdateBatch(NamedTuple):
@@ -303,7 +357,12 @@ def tgrpo_loss(logp, old_logp, ref_logp, advantages, mask):
     tokens = mask.sum().clamp(min=1)
     mean_kl = (kl * mask).sum() / tokens
     clip_fraction = (is_clipped * mask).sum() / tokens
-    return loss, {"kl": mean_kl.item(), "clip_fraction": clip_fraction.item()}
+    # mean -log pi of the sampled tokens: the policy's entropy, estimated, at temperature 1
+    neg_logp = -(logp.detach() * mask).sum() / tokens
+    stats = {"kl": mean_kl.item(),
+             "clip_fraction": clip_fraction.item(),
+             "neg_logp": neg_logp.item()}
+    return loss, stats
 
 
 def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now):
@@ -350,6 +409,8 @@ def step_stats(scores, rows, lengths):
     stats = {"p": scores.p,
              "p_contrast": scores.p_contrast,
              "bonus_granted": scores.bonus_granted,
+             "bonus_granted_mixed": scores.bonus_granted_mixed,
+             "credit": scores.credit,
              "advantage_change": scores.advantage_change,
              "response_length": lengths}
     for key in ("accuracy", "format", "length_bonus", "temporal_bonus", "reward"):
@@ -423,8 +484,15 @@ if __name__ == "__main__":
         texts = tokenizer.batch_decode(out.ids, skip_special_tokens=True)  # past a stop: pad
         lengths = out.mask.sum(1).tolist()
 
+        # the response-level temporal credit: one no-grad pass more (temporal_credit)
+        t_credit = time.time()
+        credit = None
+        if temporal_credit:
+            credit = response_credit(policy, out)
+        credit_time = time.time() - t_credit
+
         # score: rewards and advantages, one group per prompt
-        scores = score(out.examples, out.rows, texts, lengths)
+        scores = score(out.examples, out.rows, texts, lengths, credit)
 
         # select the ordered rows, their prompts sharing clips (a rank without data: a placeholder)
         chosen = update_batch(policy, out, scores.advantages, device)
@@ -442,6 +510,7 @@ if __name__ == "__main__":
         local |= update
         local["skipped"] = float(out.skipped)
         local["rollout_tokens_per_s"] = float(sum(lengths)) / rollout_time
+        local["credit_time"] = credit_time
         summed = ("skipped", "rollout_tokens_per_s")
         metrics = {"step": step + 1, **common.mean_over_ranks(local, device, sums=summed)}
         metrics["lr"] = lr_now
