@@ -19,6 +19,7 @@ METHODS = {
     "tgrpo_credit": "T-GRPO, temporal_credit=True",
 }
 CURVES = [("accuracy", "training accuracy (ordered rollouts)"),
+          ("format", "format reward (0: no closed <answer>, e.g. cut)"),
           ("reward", "total reward (T-GRPO's includes the bonus)"),
           ("bonus_granted_mixed", "grant rate where a bonus can matter\n(some, not all, correct; "
                                   "paid by T-GRPO only)"),
@@ -59,7 +60,7 @@ def methods(root):
 
 def plot(root):
     """Each method's CURVES, mean +- std over its seeds, into root/curves.png."""
-    fig, axes = plt.subplots(2, 4, figsize=(20, 7.5))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for method, label in methods(root).items():
         paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
         for ax, (key, title) in zip(axes.flat, CURVES):
@@ -96,6 +97,8 @@ def table(root):
             pattern = f"{method}_seed*/eval/summary.json"
         summaries = sorted(Path(root).glob(pattern))
         groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in summaries]
+        if not groups:  # runs without an eval yet
+            continue
         cells = []
         for family, metric in ROWS:
             values = 100 * np.array([g[family][metric] for g in groups])
