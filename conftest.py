@@ -31,18 +31,31 @@ def tiny(tmp_path_factory):
     return net.eval(), tok, path
 
 
-def random_clip(t, height, width, is_video=True, second_per_grid=1.0, seed=0):
-    """A clip of random pixels with t temporal patches (pixel content does not matter to position/equality tests)."""
-    from data import Clip, PATCH
+@pytest.fixture(scope="session")
+def tiny3(tmp_path_factory):
+    """The tiny Qwen3-VL, with the tiny Qwen2.5-VL's tokenizer, written and loaded back the same way."""
+    path = str(tmp_path_factory.mktemp("tiny3") / "tiny-qwen3-vl")
+    synthetic.ensure_tiny_model(path, CORPUS * 4, model_type="qwen3_vl")
+    net, tok = lifecycle.load_model(path, "cpu")
+    return net.eval(), tok, path
+
+
+def random_clip(t, height, width, is_video=True, second_per_grid=1.0, seed=0, patch=14):
+    """A clip of random pixels with t temporal patches (pixel content does not matter to position/equality tests);
+    a video's patches 1 s apart (Qwen3-VL's timestamps)."""
+    from data import Clip
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(t * (height // PATCH) * (width // PATCH), 3 * 2 * PATCH * PATCH, generator=g)
-    return Clip(pixels, (t, height // PATCH, width // PATCH), is_video, second_per_grid)
+    pixels = torch.randn(t * (height // patch) * (width // patch), 3 * 2 * patch * patch, generator=g)
+    timestamps = [0.5 + i for i in range(t)] if is_video else None
+    return Clip(pixels, (t, height // patch, width // patch), is_video, second_per_grid, timestamps)
 
 
-def encode_text(tok, text, clip):
-    """Token ids and mm types of a chat prompt around `clip` (None: a text-only prompt)."""
+def encode_text(tok, text, clip, fam=None):
+    """Token ids and mm types of a chat prompt around `clip` (None: a text-only prompt), in `fam`'s layout."""
     import data
-    before, after = data.chat_template(clip) if clip else ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+    import family
+    fam = fam or family.DEFAULT
+    before, after = data.chat_template(clip, fam) if clip else ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
     prompt = before + text + after
     ids = tok(prompt, add_special_tokens=False).input_ids
     kinds = {tok.convert_tokens_to_ids(t): kind for t, kind in data.MM_TYPE.items()}

@@ -1,5 +1,5 @@
-"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL patch layout, prompts
-and SFT targets."""
+"""Video-R1 data: JSON records, frame sampling and resizing, the Qwen2.5-VL and Qwen3-VL patch
+layouts, prompts and SFT targets."""
 import os
 import re
 import sys
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import decord
 from PIL import Image
+import family
 import rewards
 
 # "frame": a video stored as a folder of frames (MVBench's TVQA), or as the video file it names
@@ -36,12 +37,12 @@ TYPE_SUFFIX = {
 }
 SYSTEM_PROMPT = "You are a helpful assistant."
 
-PATCH = 14           # ViT patch side, pixels
-MERGE = 2            # 2x2 patches merge into one LLM token
+PATCH = 14           # Qwen2.5-VL's ViT patch side, pixels (Qwen3-VL's: family.py)
+MERGE = family.MERGE  # 2x2 patches merge into one LLM token
 TEMPORAL_PATCH = 2   # two consecutive frames form one temporal patch
 FACTOR = PATCH * MERGE
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as Qwen2-VL's image processor uses
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_MEAN = family.CLIP_MEAN  # Qwen2.5-VL's (Qwen3-VL's: family.py)
+IMAGE_STD = family.CLIP_STD
 MAX_ASPECT = 200     # Qwen's limit: thinner images cannot be resized to multiples of 28 sensibly
 MIN_PIXELS = 4 * FACTOR * FACTOR      # = 56*56, transformers' default
 MAX_PIXELS = 1280 * FACTOR * FACTOR   # transformers' default for smart_resize itself
@@ -52,6 +53,9 @@ MIN_VIDEO_FPS = 0.1
 MAX_VIDEO_FPS = 1000.0
 # the files of a folder of frames that are frames
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# how T-GRPO's contrast clip shows its timestamps (Qwen3-VL): in time order, the frames shuffled
+# under them, or shuffled with the frames (DETAILS.md, "The contrast with timestamps in the text")
+CONTRAST_TIMESTAMPS = ("ordered", "shuffled")
 # config keys of read_media
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
 
@@ -176,11 +180,11 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS,
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
 
-def _resize(frames, path, min_pixels, max_pixels, video) -> np.ndarray:
-    """(n, H, W, 3) uint8 frames resized to one smart_resize size as qwen-vl-utils: images by PIL,
-    video by torch."""
+def _resize(frames, path, min_pixels, max_pixels, video, factor=FACTOR) -> np.ndarray:
+    """(n, H, W, 3) uint8 frames resized to one smart_resize size (multiples of `factor` pixels, a
+    token's side) as qwen-vl-utils: images by PIL, video by torch."""
     try:
-        h, w = smart_resize(frames.shape[1], frames.shape[2],
+        h, w = smart_resize(frames.shape[1], frames.shape[2], factor=factor,
                             min_pixels=min_pixels, max_pixels=max_pixels)
     except DataError as e:
         raise DataError(f"{path}: {e}") from e
@@ -202,9 +206,10 @@ def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
     return max(TEMPORAL_PATCH, math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
 
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
-               max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
-    """Uniformly sampled, resized frames (n, H, W, 3) uint8 and the real sampling fps, as
-    qwen-vl-utils samples."""
+               max_pixels=TRAIN_MAX_PIXELS,
+               factor=FACTOR) -> tuple[np.ndarray, float, np.ndarray]:
+    """Uniformly sampled, resized frames (n, H, W, 3) uint8, the real sampling fps and each frame's
+    time in seconds (n,), as qwen-vl-utils samples."""
     try:
         vr = decord.VideoReader(path)
         total = len(vr)
@@ -224,8 +229,10 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = lines[0][:200]
         raise DataError(f"{path}: cannot decode video: {reason}") from e
-    frames = _resize(frames, path, min_pixels, max_pixels, video=True)
-    return frames, n / total * avg_fps
+    frames = _resize(frames, path, min_pixels, max_pixels, video=True, factor=factor)
+    # the time of a frame is its index in the video over the video's fps (Qwen3-VL's processor)
+    times = np.array(indices) / avg_fps  # (n,)
+    return frames, n / total * avg_fps, times
 
 def _decode_image(path) -> np.ndarray:
     """The image file's pixels, (H, W, 3) uint8 RGB."""
@@ -241,16 +248,17 @@ def _decode_image(path) -> np.ndarray:
             Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
 
-def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS) -> np.ndarray:
+def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS,
+               factor=FACTOR) -> np.ndarray:
     """The resized RGB image repeated to (TEMPORAL_PATCH, H, W, 3) uint8, as Qwen fills an image's
     temporal patch."""
     rgb = _decode_image(path)
-    frame = _resize(rgb[None], path, min_pixels, max_pixels, video=False)
+    frame = _resize(rgb[None], path, min_pixels, max_pixels, video=False, factor=factor)
     return np.repeat(frame, TEMPORAL_PATCH, axis=0)
 
 def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
-                      min_pixels=MIN_PIXELS,
-                      max_pixels=TRAIN_MAX_PIXELS) -> tuple[np.ndarray, float]:
+                      min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS,
+                      factor=FACTOR) -> tuple[np.ndarray, float, np.ndarray]:
     """A folder of frames (image files sorted by name: 00001.jpg, 00002.jpg, ...) read as a video
     shot at folder_fps (the record's `fps`), sampled and resized as read_video samples a file."""
     # bool is an int to Python, and a frame rate of True means a wrong field
@@ -276,8 +284,9 @@ def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
     sizes = {frame.shape for frame in decoded}
     if len(sizes) > 1:
         raise DataError(f"{path}: frames of different sizes {sorted(sizes)}")
-    frames = _resize(np.stack(decoded), path, min_pixels, max_pixels, video=True)
-    return frames, n / total * folder_fps
+    frames = _resize(np.stack(decoded), path, min_pixels, max_pixels, video=True, factor=factor)
+    times = np.array(indices) / folder_fps  # (n,) as read_video's
+    return frames, n / total * folder_fps, times
 
 def _frame_folder(path) -> str | None:
     """The folder of frames a "frame" record's path names, or None: the path itself, or the path
@@ -288,10 +297,11 @@ def _frame_folder(path) -> str | None:
             return candidate
     return None
 
-def read_media(record, fps, min_frames, max_frames, min_pixels,
-               max_pixels) -> tuple[np.ndarray, float | None]:
-    """Frames of a record's video (with the sampling fps) or image (fps None). A "frame" record is
-    a video: the file its path names, or else a folder of its frames (read_frame_folder)."""
+def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels,
+               factor=FACTOR) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+    """Frames of a record's video (with the sampling fps and the frames' times) or image (fps and
+    times None), in multiples of `factor` pixels. A "frame" record is a video: the file its path
+    names, or else a folder of its frames (read_frame_folder)."""
     path = record["path"]
     kind = record["data_type"]
     if kind == "frame" and not os.path.isfile(path):
@@ -299,24 +309,28 @@ def read_media(record, fps, min_frames, max_frames, min_pixels,
         if folder is None:
             raise DataError(f"{path}: neither a video file nor a folder of frames")
         return read_frame_folder(folder, record.get("fps"), fps, min_frames, max_frames,
-                                 min_pixels, max_pixels)
+                                 min_pixels, max_pixels, factor)
     if not os.path.isfile(path):
         raise DataError(f"{path}: {kind} file not found")
     if kind == "image":
-        return read_image(path, min_pixels, max_pixels), None
-    return read_video(path, fps, min_frames, max_frames, min_pixels, max_pixels)
+        return read_image(path, min_pixels, max_pixels, factor), None, None
+    return read_video(path, fps, min_frames, max_frames, min_pixels, max_pixels, factor)
 
 def contrast_frames(frames, rng: np.random.Generator) -> np.ndarray:
     """The frames in a random order other than their own: T-GRPO's contrast clip and eval's
     shuffled twin."""
-    n = len(frames)
+    return frames[contrast_order(len(frames), rng)]
+
+def contrast_order(n, rng: np.random.Generator) -> np.ndarray:
+    """(n,) a random order of n frames other than their own, frame by frame (as Video-R1: the two
+    frames of a temporal patch may come from far apart moments)."""
     if n < 2:
         raise ValueError(f"cannot shuffle {n} frame(s): any order of them is the original order")
     # the identity would make the contrast group an ordered one; for n=2 half the draws are it
     while True:
         perm = rng.permutation(n)
         if (perm != np.arange(n)).any():
-            return frames[perm]
+            return perm
 
 @dataclass
 class Clip:
@@ -325,37 +339,50 @@ class Clip:
     is_video: bool
     # seconds covered by one temporal patch (M-RoPE's temporal spacing); 1.0 for images
     second_per_grid: float
+    # Qwen3-VL: the time in seconds the prompt shows before each temporal patch; None otherwise
+    timestamps: list[float] | None = None
 
     @property
     def num_tokens(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w // MERGE ** 2
 
-def make_clip(frames, fps) -> Clip:
-    """CLIP-normalise (n, H, W, 3) uint8 frames and lay them out as Qwen2.5-VL's pixel_values
-    (what its processor does; done by hand because transformers' video processor needs
-    torchvision). fps None -> an image clip."""
-    n, H, W, _ = frames.shape
-    assert n % TEMPORAL_PATCH == H % FACTOR == W % FACTOR == 0, \
-        f"{n} frames of {H}x{W}: off the patch grid"
-    t, h, w = n // TEMPORAL_PATCH, H // PATCH, W // PATCH
+def patch_timestamps(times) -> list[float]:
+    """Each temporal patch's time: the mean of its two frames' times (Qwen3-VL's processor,
+    _calculate_timestamps)."""
+    pairs = np.asarray(times, dtype=float).reshape(-1, TEMPORAL_PATCH)  # (t, 2)
+    return [float((pair[0] + pair[-1]) / 2) for pair in pairs]
 
-    # CLIP-normalise
+def make_clip(frames, fps, times=None, fam=family.DEFAULT) -> Clip:
+    """Normalise (n, H, W, 3) uint8 frames and lay them out as the family's pixel_values (what its
+    processor does; done by hand because transformers' video processors need torchvision). fps
+    None -> an image clip. A Qwen3-VL video carries the times of its patches (`times`: of its
+    frames, in seconds)."""
+    n, H, W, _ = frames.shape
+    patch = fam.patch
+    factor = patch * MERGE
+    assert n % TEMPORAL_PATCH == H % factor == W % factor == 0, \
+        f"{n} frames of {H}x{W}: off the patch grid"
+    t, h, w = n // TEMPORAL_PATCH, H // patch, W // patch
+
+    # normalise
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(fam.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(fam.image_std).view(1, 3, 1, 1)
     x = (x - mean) / std
 
-    # Qwen's patch order: (t, h/2, w/2, 2, 2, C, T, 14, 14), so merge groups stay contiguous
-    x = x.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    # Qwen's patch order: (t, h/2, w/2, 2, 2, C, T, p, p), so merge groups stay contiguous
+    x = x.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, patch, w // MERGE, MERGE, patch)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    pixel_values = x.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH)
+    pixel_values = x.reshape(t * h * w, 3 * TEMPORAL_PATCH * patch * patch)
     is_video = fps is not None
+    second_per_grid = 1.0
+    timestamps = None
     if is_video:
         second_per_grid = TEMPORAL_PATCH / fps
-    else:
-        second_per_grid = 1.0
-    return Clip(pixel_values, (t, h, w), is_video, second_per_grid)
+    if is_video and fam.timestamps:
+        timestamps = patch_timestamps(times)
+    return Clip(pixel_values, (t, h, w), is_video, second_per_grid, timestamps)
 
 def question_text(record) -> str:
     """The user turn's text: the question (with its options), the reasoning template and the
@@ -366,11 +393,10 @@ def question_text(record) -> str:
         question += "Options:\n" + "".join(option + "\n" for option in record["options"])
     return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
 
-def chat_template(clip) -> tuple[str, str]:
-    """Qwen2.5-VL's chat template of one user turn, (before, after) its question text (DETAILS.md,
-    "The prompt")."""
-    pad = VIDEO_PAD if clip.is_video else IMAGE_PAD
-    media = "<|vision_start|>" + pad * clip.num_tokens + "<|vision_end|>"
+def chat_template(clip, fam=family.DEFAULT) -> tuple[str, str]:
+    """The chat template of one user turn, (before, after) its question text (DETAILS.md, "The
+    prompt"); the clip shows as its family's media text (family.py)."""
+    media = fam.media_text(clip)
     return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{media}",
             "<|im_end|>\n<|im_start|>assistant\n")
 
@@ -379,11 +405,12 @@ def encode_plain(tokenizer, text) -> list[int]:
     control token."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
-def encode_prompt(tokenizer, record, clip, max_tokens) -> tuple[list[int], list[int]]:
+def encode_prompt(tokenizer, record, clip, max_tokens,
+                  fam=family.DEFAULT) -> tuple[list[int], list[int]]:
     """Prompt ids and their mm_token_type_ids (MM_TYPE; M-RoPE needs them). Template and question
     are encoded apart (encode_plain), which gives the whole prompt's ids when the question holds no
     special token."""
-    before, after = chat_template(clip)
+    before, after = chat_template(clip, fam)
     before_ids = tokenizer(before, add_special_tokens=False).input_ids
     after_ids = tokenizer(after, add_special_tokens=False).input_ids
     ids = before_ids + encode_plain(tokenizer, question_text(record)) + after_ids
@@ -420,31 +447,46 @@ class Example(NamedTuple):
     prompt: tuple  # (prompt ids, mm types), as encode_prompt gives them
     clip: Clip
     contrast_clip: Clip | None  # the frames shuffled: videos only, given a contrast_rng
+    # the contrast clip's prompt: the prompt itself unless its timestamps are shuffled too
+    contrast_prompt: tuple | None = None
 
-def load_examples(records, tokenizer, config, contrast_rng=None):
+def load_examples(records, tokenizer, config, contrast_rng=None, fam=family.DEFAULT):
     """load_example per record -> [Example], and how many config's skip_bad skipped."""
     examples = []
     for record in records:
         try:
-            examples.append(Example(record, *load_example(record, tokenizer, config, contrast_rng)))
+            loaded = load_example(record, tokenizer, config, contrast_rng, fam)
+            examples.append(Example(record, *loaded))
         except DataError as err:
             _skip(err, config["skip_bad"])
     return examples, len(records) - len(examples)
 
-def load_example(record, tokenizer, config, contrast_rng=None):
+def load_example(record, tokenizer, config, contrast_rng=None, fam=family.DEFAULT):
     """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip
-    (same token count, so the same prompt); `config` gives FRAME_LIMITS and max_prompt_tokens. A
-    DataError names the JSON file and record."""
+    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS and max_prompt_tokens (and,
+    given a contrast_rng, contrast_timestamps). A DataError names the JSON file and record.
+
+    The contrast clip shuffles the frames; a Qwen3-VL prompt's timestamps stay in time order
+    (contrast_timestamps "ordered", so the prompt is the ordered one's) or are shuffled with them
+    ("shuffled"): DETAILS.md, "The contrast with timestamps in the text"."""
     try:
         limits = {key: config[key] for key in FRAME_LIMITS}
-        frames, fps = read_media(record, **limits)
-        clip = make_clip(frames, fps)
+        frames, fps, times = read_media(record, **limits, factor=fam.patch * MERGE)
+        clip = make_clip(frames, fps, times, fam)
+        max_tokens = config["max_prompt_tokens"]
+        prompt = encode_prompt(tokenizer, record, clip, max_tokens, fam)
         # an image has no frame order to break
-        contrast_clip = None
-        if contrast_rng is not None and clip.is_video:
-            contrast_clip = make_clip(contrast_frames(frames, contrast_rng), fps)
-        prompt = encode_prompt(tokenizer, record, clip, config["max_prompt_tokens"])
-        return prompt, clip, contrast_clip
+        if contrast_rng is None or not clip.is_video:
+            return prompt, clip, None, None
+        order = contrast_order(len(frames), contrast_rng)
+        contrast_times = times
+        if config["contrast_timestamps"] == "shuffled":
+            contrast_times = times[order]
+        contrast_clip = make_clip(frames[order], fps, contrast_times, fam)
+        contrast_prompt = prompt
+        if contrast_clip.timestamps != clip.timestamps:
+            contrast_prompt = encode_prompt(tokenizer, record, contrast_clip, max_tokens, fam)
+        return prompt, clip, contrast_clip, contrast_prompt
     except DataError as err:
         name = record_name(record["json"], record["index"], record)
         raise DataError(f"{name}: {err}") from err

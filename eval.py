@@ -25,6 +25,7 @@ from tqdm import tqdm
 import common
 # the config key `data` below (the eval JSONs, a public CLI flag) takes the module's own name
 import data as video_data
+import family
 import lifecycle
 import model
 import rewards
@@ -61,9 +62,12 @@ attn = common.ATTN
 shuffled = False
 # seconds a collective waits for a late rank before the run fails (why 900: sft.py)
 dist_timeout = 900
+# Qwen3-VL's timestamps of a shuffled clip: "ordered" or "shuffled" with the frames (as tgrpo.py)
+contrast_timestamps = "ordered"
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
-                          choices=dict(attn=model.ATTENTION))
+                          choices=dict(attn=model.ATTENTION,
+                                       contrast_timestamps=video_data.CONTRAST_TIMESTAMPS))
 # record fields the table breaks a benchmark down by: the benchmarks' own breakdowns (VSI-Bench's
 # tasks, VideoMME's video lengths, the synthetic task's families); not data_source, which in MMVU
 # and VideoMMMU names each record's YouTube video
@@ -137,14 +141,15 @@ def empty_result(k, record):
     }
 
 
-def example_or_error(record, index, tokenizer):
-    """Record `index`'s (prompt, clip, shuffled clip), or the DataError that fails its samples."""
+def example_or_error(record, index, tokenizer, fam):
+    """Record `index`'s (prompt, clip, shuffled clip, its prompt) in `fam`'s layout, or the
+    DataError that fails its samples."""
     rng = None
     if shuffled:
         # seeded per record, not per batch or rank: any split of the work shuffles alike
         rng = np.random.default_rng([seed, index])
     try:
-        return video_data.load_example(record, tokenizer, config, rng)
+        return video_data.load_example(record, tokenizer, config, rng, fam)
     except video_data.DataError as err:
         return err
 
@@ -163,17 +168,19 @@ def run_batch(net, tokenizer, items, generator, device):
     # media: a record's ordered and shuffled samples share one decode
     loaded = {}
     answered = []
+    fam = family.of(model.unwrap(net).config)
     for k, record in items:
         benchmark, index, is_shuffled = k
         if (benchmark, index) not in loaded:
-            loaded[benchmark, index] = example_or_error(record, index, tokenizer)
+            loaded[benchmark, index] = example_or_error(record, index, tokenizer, fam)
         example = loaded[benchmark, index]
         if isinstance(example, video_data.DataError):
             results[k]["failed"] = str(example)
             continue
-        prompt, clip, shuffled_clip = example
+        prompt, clip, shuffled_clip, shuffled_prompt = example
         if is_shuffled:
             clip = shuffled_clip
+            prompt = shuffled_prompt
         answered.append((k, record, prompt, clip))
     if not answered:
         return list(results.values())

@@ -7,9 +7,10 @@ atomic folders) in common.py; this module joins the two for the training scripts
 import os
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer
 import common
 import data
+import family
 import model
 
 # a LoRA checkpoint's subfolder holding the adapter in peft's format
@@ -19,7 +20,7 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_sa
 
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None):
-    """Qwen2.5-VL from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code.
+    """Qwen2.5-VL or Qwen3-VL (the folder's config says which) from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code.
 
     `lora` (a LoraConfig) adds fresh adapters. An adapter folder loads on the (absolute) base
     folder its adapter_config.json names: merged, or trainable when `lora` is given and matches it
@@ -36,7 +37,7 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
     if dtype is None:
         on_gpu = torch.device(device).type == "cuda"
         dtype = torch.bfloat16 if on_gpu else torch.float32
-    net = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    net = family.of_folder(path).model_class.from_pretrained(
         path, dtype=dtype, attn_implementation=attn, trust_remote_code=False)
     net = net.to(device)
     if grad_ckpt:
@@ -166,9 +167,10 @@ def placeholder_batch(policy, device):
     Zero loss and zero gradients, yet every module runs as on data, so the rank's ZeRO collectives
     stay in step with the other ranks'."""
     config = model.unwrap(policy).config
-    # one merged 2x2 patch of 2 frames
-    pixels = torch.zeros(4, 3 * data.TEMPORAL_PATCH * data.PATCH ** 2)  # (4, patch_dim)
-    clip = data.Clip(pixels, (1, 2, 2), True, 1.0)
+    patch = family.of(config).patch
+    # one merged 2x2 patch of 2 frames (at time 0: Qwen3-VL's prompt would show it as text)
+    pixels = torch.zeros(4, 3 * data.TEMPORAL_PATCH * patch ** 2)  # (4, patch_dim)
+    clip = data.Clip(pixels, (1, 2, 2), True, 1.0, [0.0])
     ids = [config.vision_start_token_id, config.video_token_id, config.vision_end_token_id]
     mm_types = [0, 2, 0]
     batch = model.collate_prompts([(ids, mm_types)], [clip], 0, config, device)

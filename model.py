@@ -12,6 +12,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+import family
 
 # one line per step is the log; no bars
 transformers.utils.logging.disable_progress_bar()
@@ -26,45 +27,6 @@ def stop_ids(tokenizer):
     A turn ends at <|im_end|>; Qwen2.5-VL-Instruct's generation config also stops at
     <|endoftext|>."""
     return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-
-
-def mrope_positions(mm_types, clip, tokens_per_second):
-    """(3, L) positions of an unpadded prompt with one vision block at most, as the released
-    checkpoints learnt them (DETAILS.md).
-
-    The three rows are time, height and width. Text counts on in all three together. The vision
-    token at (t, row, col) of its clip's grid sits at
-    (start + t * tokens_per_second * second_per_grid, start + row, start + col),
-    and the text after the block continues from the block's largest position + 1."""
-    L = len(mm_types)
-    pos = torch.arange(L).expand(3, L).clone()  # (3, L) all text: 0, 1, 2, ... in each row
-    vision = torch.tensor(mm_types).nonzero().flatten()  # (V,) where the vision pads are
-    if len(vision) == 0:
-        return pos
-    start = vision[0].item()
-    end = vision[-1].item() + 1
-    sized = end - start == len(vision) == clip.num_tokens
-    assert sized, "one contiguous vision block per prompt, sized to its clip"
-
-    # the grid in the language model's tokens: the merger joins 2x2 patches into one token
-    t = clip.grid_thw[0]
-    h = clip.grid_thw[1] // 2
-    w = clip.grid_thw[2] // 2
-
-    # time: a float32 product floored, exactly as Qwen's code computes it (and the checkpoints
-    # learnt); images have no temporal spacing
-    seconds = 0.0
-    if clip.is_video:
-        seconds = clip.second_per_grid
-    step = torch.tensor(seconds, dtype=torch.float32) * tokens_per_second  # () float32
-    frame_pos = (torch.arange(t) * step).long()  # (t,)
-    rows = torch.arange(h)  # (h,)
-    cols = torch.arange(w)  # (w,)
-    grid = torch.meshgrid(frame_pos, rows, cols, indexing="ij")  # 3 x (t, h, w)
-    block = torch.stack(grid).reshape(3, -1) + start  # (3, V)
-    pos[:, start:end] = block
-    pos[:, end:] = block.max() + 1 + torch.arange(L - end)  # (3, L - end)
-    return pos
 
 
 def lora_of(model):
@@ -119,7 +81,7 @@ def collate_prompts(encoded, clips, pad_id, config, device="cpu", row_clip=None)
     P = max(len(ids) for ids, _ in encoded)
     if row_clip is None:
         row_clip = list(range(B))
-    tokens_per_second = config.vision_config.tokens_per_second
+    positions = family.of(config).positions
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)  # (B, P)
     attention_mask = torch.zeros(B, P, dtype=torch.long)  # (B, P)
     mm_types = torch.zeros(B, P, dtype=torch.long)  # (B, P)
@@ -134,7 +96,7 @@ def collate_prompts(encoded, clips, pad_id, config, device="cpu", row_clip=None)
         input_ids[b, P - n:] = torch.tensor(ids)  # (n,)
         mm_types[b, P - n:] = torch.tensor(types)  # (n,)
         attention_mask[b, P - n:] = 1
-        position_ids[:, b, P - n:] = mrope_positions(types, clip, tokens_per_second)  # (3, n)
+        position_ids[:, b, P - n:] = positions(types, clip, config)  # (3, n)
 
     # a clip makes positions jump, so a row goes on from its own largest position, not from P
     next_pos = position_ids.amax(dim=(0, 2)) + 1  # (B,)
@@ -147,17 +109,33 @@ def collate_prompts(encoded, clips, pad_id, config, device="cpu", row_clip=None)
                        row_clip=row_clip)
 
 
+@dataclass
+class Embedded:
+    """embed_prompts' result: the prompts' embeddings, and Qwen3-VL's DeepStack features."""
+    embeds: torch.Tensor        # (B, P, D) the vision pads replaced by their clip's features
+    deepstack: list | None      # per early language layer (vision pads, D), in row order; or None
+    vision_mask: torch.Tensor   # (B, P) True on the vision pads
+
+    def extended(self, T):
+        """(B, P+T) the vision mask over prompt + T completion tokens (text: False)."""
+        B = self.vision_mask.shape[0]
+        text = self.vision_mask.new_zeros(B, T)  # (B, T)
+        return torch.cat([self.vision_mask, text], dim=1)
+
+
 def embed_prompts(model, batch):
-    """(B, P, D) token embeddings, the vision pads replaced by their clip's features.
+    """The prompts' token embeddings, the vision pads replaced by their clip's features (and,
+    Qwen3-VL, the DeepStack features of those pads for the first language layers).
 
     Each distinct clip is encoded once (one vision tower call) and scattered into every row that
     shows it: autograd sums the rows' gradients into that encoding, as if each row had its own,
-    at 1/rows the cost."""
+    at 1/rows the cost. DeepStack's features are scattered alike."""
     embeds = unwrap(model).model.get_input_embeddings()(batch.input_ids)  # (B, P, D)
+    vision_mask = batch.mm_types != 0  # (B, P)
     shown = sorted(set(batch.row_clip) - {None})
     clips = {c: batch.clips[c] for c in shown}
     if not clips:
-        return embeds
+        return Embedded(embeds, None, vision_mask)
 
     # the vision tower once over the distinct clips' patches, then split back clip by clip
     visual = unwrap(model).model.visual
@@ -165,27 +143,39 @@ def embed_prompts(model, batch):
     pixels = pixels.to(embeds.device, visual.dtype)
     grids = [clip.grid_thw for clip in clips.values()]
     grids = torch.tensor(grids, device=embeds.device)  # (clips, 3)
-    encoded = visual(pixels, grid_thw=grids).pooler_output  # (clip tokens, D)
-    encoded = encoded.split([clip.num_tokens for clip in clips.values()])
-    features = dict(zip(clips, encoded))
+    output = visual(pixels, grid_thw=grids)
+    sizes = [clip.num_tokens for clip in clips.values()]
 
-    # the vision pads in row order take their row's clip encoding; a shared clip is repeated
-    per_row = [features[c] for c in batch.row_clip if c is not None]
-    per_row = torch.cat(per_row).to(embeds.dtype)  # (vision pads, D)
-    vision_mask = (batch.mm_types != 0).unsqueeze(-1).expand_as(embeds)  # (B, P, D)
-    return embeds.masked_scatter(vision_mask, per_row)
+    def per_row(encoded):  # (clip tokens, D) -> (vision pads, D): a shared clip is repeated
+        features = dict(zip(clips, encoded.split(sizes)))
+        return torch.cat([features[c] for c in batch.row_clip if c is not None]).to(embeds.dtype)
+
+    # the vision pads in row order take their row's clip encoding
+    expanded = vision_mask.unsqueeze(-1).expand_as(embeds)  # (B, P, D)
+    embeds = embeds.masked_scatter(expanded, per_row(output.pooler_output))
+    deepstack = None
+    if family.of(unwrap(model).config).deepstack:
+        deepstack = [per_row(features) for features in output.deepstack_features]
+    return Embedded(embeds, deepstack, vision_mask)
 
 
-def hidden_states(model, embeds, position_ids, attention_mask, cache=None):
-    """The language model on embeddings with explicit 3-D positions.
+def hidden_states(model, embeds, position_ids, attention_mask, cache=None, deepstack=None,
+                  vision_mask=None):
+    """The language model on embeddings with explicit 3-D positions; Qwen3-VL's DeepStack
+    features (a list of (vision pads, D)) are added at `vision_mask` (B, L) after its first
+    len(deepstack) layers.
 
     No head: only the positions whose logits are needed (the completion's) pay for it."""
     lm = unwrap(model).model.language_model
+    extra = {}
+    if deepstack is not None:
+        extra = dict(visual_pos_masks=vision_mask, deepstack_visual_embeds=deepstack)
     output = lm(inputs_embeds=embeds,
                 position_ids=position_ids,
                 attention_mask=attention_mask,
                 cache=cache,
-                use_cache=cache is not None)
+                use_cache=cache is not None,
+                **extra)
     return output.last_hidden_state
 
 
@@ -214,16 +204,17 @@ def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8)
 
     with autocast(completion_ids.device):
         # one sequence a row: the prompt (its clip included), then the completion
-        prompt_embeds = embed_prompts(model, batch)  # (B, P, D)
+        prompt = embed_prompts(model, batch)
         completion_embeds = inner.model.get_input_embeddings()(completion_ids)  # (B, T, D)
-        embeds = torch.cat([prompt_embeds, completion_embeds], dim=1)  # (B, P+T, D)
+        embeds = torch.cat([prompt.embeds, completion_embeds], dim=1)  # (B, P+T, D)
 
         # the completion is text: it counts on from each row's next position in all three rows
         offsets = torch.arange(T, device=completion_ids.device)  # (T,)
         completion_pos = (batch.next_pos[:, None] + offsets).expand(3, B, T)  # (3, B, T)
         positions = torch.cat([batch.position_ids, completion_pos], dim=2)  # (3, B, P+T)
         mask = torch.cat([batch.attention_mask, completion_mask.long()], dim=1)  # (B, P+T)
-        hidden = hidden_states(model, embeds, positions, mask)  # (B, P+T, D)
+        hidden = hidden_states(model, embeds, positions, mask, None, prompt.deepstack,
+                               prompt.extended(T))  # (B, P+T, D)
 
         # the one-token shift: the hidden state at position t predicts token t+1, so the
         # completion's T tokens are predicted by the T positions ending one before the last
@@ -301,6 +292,10 @@ def decode_weights(model):
         weights = {name: linear_weights(linear) for name, linear in projections.items()}
         weights["input_norm"] = layer.input_layernorm.weight
         weights["post_norm"] = layer.post_attention_layernorm.weight
+        # Qwen3's attention normalises q and k per head
+        if hasattr(attn, "q_norm"):
+            weights["q_norm"] = attn.q_norm.weight
+            weights["k_norm"] = attn.k_norm.weight
         layers.append(weights)
     head, _ = linear_weights(inner.lm_head)
     return dict(embed=lm.embed_tokens.weight, layers=layers, norm=lm.norm.weight, head=head)
@@ -336,11 +331,14 @@ class Decoder:
     def __init__(self, model, batch, max_new_tokens):
         lm = unwrap(model).model.language_model
         config = lm.config
-        plain = config.rope_parameters["rope_type"] == "default" and not config.use_sliding_window
+        # Qwen3-VL's text config has no sliding window at all
+        sliding = getattr(config, "use_sliding_window", False)
+        plain = config.rope_parameters["rope_type"] == "default" and not sliding
         assert plain, "decode knows default RoPE and full attention only"
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.head_dim = config.hidden_size // self.heads
+        # Qwen3's head width is its own setting; Qwen2.5's follows from the width
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.inv_freq = lm.rotary_emb.inv_freq  # (head_dim / 2,) fp32
         self.rope_scale = lm.rotary_emb.attention_scaling
@@ -412,6 +410,9 @@ class Decoder:
         q = F.linear(h, *layer["q"]).view(B, 1, self.heads, self.head_dim)  # (B, 1, H, hd)
         k = F.linear(h, *layer["k"]).view(B, 1, self.kv_heads, self.head_dim)  # (B, 1, Hkv, hd)
         v = F.linear(h, *layer["v"]).view(B, 1, self.kv_heads, self.head_dim)  # (B, 1, Hkv, hd)
+        if "q_norm" in layer:
+            q = rms_norm(q, layer["q_norm"], self.eps)  # (B, 1, H, hd)
+            k = rms_norm(k, layer["k_norm"], self.eps)  # (B, 1, Hkv, hd)
         q = q.transpose(1, 2)  # (B, H, 1, hd)
         k = k.transpose(1, 2)  # (B, Hkv, 1, hd)
         v = v.transpose(1, 2)  # (B, Hkv, 1, hd)
@@ -488,9 +489,10 @@ def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     # decoder's. Left padding puts every row's last prompt token in the last column, whose hidden
     # state predicts token 1.
     cache = DynamicCache(config=inner.config)
-    prompt_embeds = embed_prompts(model, batch)  # (B, P, D)
+    prompt = embed_prompts(model, batch)
     mask = batch.attention_mask  # (B, P)
-    hidden = hidden_states(model, prompt_embeds, batch.position_ids, mask, cache)  # (B, P, D)
+    hidden = hidden_states(model, prompt.embeds, batch.position_ids, mask, cache,
+                           prompt.deepstack, prompt.vision_mask)  # (B, P, D)
     logits = inner.lm_head(hidden[:, -1]).float()  # (B, V)
     del hidden
     decoder = Decoder(model, batch, max_new_tokens)

@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 import common
 import data
+import family
 import lifecycle
 import model
 import synthetic
@@ -97,7 +98,8 @@ class SFTBatch(NamedTuple):
 def make_batch(net, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions;
     a bad example is skipped and counted under skip_bad."""
-    examples, skipped = data.load_examples(records, tokenizer, config)
+    fam = family.of(model.unwrap(net).config)
+    examples, skipped = data.load_examples(records, tokenizer, config, fam=fam)
     if not examples:
         # every record failed: a placeholder row keeps this rank's collectives in step, at zero loss
         prompts, ids, mask = lifecycle.placeholder_batch(net, device)
@@ -115,8 +117,8 @@ def make_batch(net, records, tokenizer, device):
     mask = pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)  # (B, T)
 
     # the prompts with their clips
-    prompts = [prompt for _, prompt, _, _ in examples]
-    clips = [clip for _, _, clip, _ in examples]
+    prompts = [example.prompt for example in examples]
+    clips = [example.clip for example in examples]
     model_config = model.unwrap(net).config
     batch = model.collate_prompts(prompts, clips, tokenizer.pad_token_id, model_config, device)
     return SFTBatch(batch, ids.to(device), mask.to(device), skipped, truncated)

@@ -15,8 +15,8 @@ import av
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration)
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen3VLConfig
+import family
 
 # few colours, far apart in RGB and in chroma, so they stay apart after H.264's 4:2:0 subsampling
 COLOURS = {
@@ -285,33 +285,45 @@ def build_tokenizer(texts, vocab_size=TINY_VOCAB):
                                    pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
 
-def ensure_tiny_model(path, texts, seed=0):
-    """Write the tiny model + tokenizer to `path` once, so every script loads it like a real
-    checkpoint folder: a Qwen2.5-VL of the released architecture, only small (2 text layers of width
-    128, a 2-block vision tower)."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return
-    tokenizer = build_tokenizer(texts)
-
-    # the config: the special tokens' ids, the text model and the vision tower
+def tiny_config(tokenizer, model_type="qwen2_5_vl"):
+    """The tiny model's config: the released architecture of Qwen2.5-VL or Qwen3-VL, only small (2
+    text layers of width 128, a 2-block vision tower), with the tokenizer's special-token ids."""
     special = [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                ("vision_start_token_id", "<|vision_start|>"),
                ("vision_end_token_id", "<|vision_end|>")]
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in special}
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
     text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=4096, rope_parameters=rope,
+                max_position_embeddings=4096,
                 bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128)
+    if model_type == "qwen3_vl":
+        # interleaved M-RoPE over the 16 rotary frequencies of a 32-wide head, as [24, 20, 20]
+        # over the 8B's 64; DeepStack after both vision blocks into both text layers; an 8 x 8
+        # learned position table, interpolated to each grid
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                "mrope_interleaved": True}
+        text.update(head_dim=32, rope_parameters=rope)
+        vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    text.update(rope_parameters=rope)
     # tokens_per_second 2 as in the 7B checkpoint, so temporal spacing behaves as at paper scale
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                  fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
+    vision.update(fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+def ensure_tiny_model(path, texts, seed=0, model_type="qwen2_5_vl"):
+    """Write the tiny model + tokenizer to `path` once, so every script loads it like a real
+    checkpoint folder (tiny_config: a Qwen2.5-VL or a Qwen3-VL)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    tokenizer = build_tokenizer(texts)
+    config = tiny_config(tokenizer, model_type)
 
     # the random weights, written to a temporary folder and renamed: `path` never holds half a model
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = family.FAMILIES[model_type].model_class(config)
     tmp = path.rstrip("/") + ".tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

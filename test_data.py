@@ -210,7 +210,7 @@ def test_read_shared_video(max_frames, max_pixels):
     import decord
     reader = decord.VideoReader(str(SHARED_VIDEO))
     total, duration = len(reader), len(reader) / reader.get_avg_fps()
-    frames, fps = data.read_video(str(SHARED_VIDEO), fps=2.0, max_frames=max_frames, max_pixels=max_pixels)
+    frames, fps, _ = data.read_video(str(SHARED_VIDEO), fps=2.0, max_frames=max_frames, max_pixels=max_pixels)
     n, H, W, C = frames.shape
     assert n == min(max(duration * 2.0, 4), max_frames, total) // 2 * 2 and 4 <= n <= max_frames
     assert fps == pytest.approx(n / duration)
@@ -234,7 +234,7 @@ def test_read_shared_video(max_frames, max_pixels):
 ])
 def test_read_generated_video(tmp_path, total, file_fps, min_frames, max_frames, expected):
     path = write_mp4(tmp_path / "clip.mp4", total, file_fps)
-    frames, fps = data.read_video(str(path), fps=2.0, min_frames=min_frames, max_frames=max_frames)
+    frames, fps, _ = data.read_video(str(path), fps=2.0, min_frames=min_frames, max_frames=max_frames)
     assert frames.shape == (expected, 56, 84, 3)
     assert fps == pytest.approx(expected / (total / file_fps))
     sampled = np.linspace(0, total - 1, expected).round()  # uniform sampling, in order, ends included
@@ -245,7 +245,7 @@ def test_frame_count_floors_as_qwen_vl_utils(tmp_path):
     """A 2.9 s clip at 10 fps, sampled at 2 fps: 5.8 frames floor to 4 (rounding first would take 6), at indices
     torch.linspace(0, 28, 4).round() = 0, 9, 19, 28 and 4 / 29 * 10 fps."""
     path = write_mp4(tmp_path / "clip.mp4", 29, 10)
-    frames, fps = data.read_video(str(path), fps=2.0, min_frames=4, max_frames=16)
+    frames, fps, _ = data.read_video(str(path), fps=2.0, min_frames=4, max_frames=16)
     assert frames.shape[0] == 4 and fps == pytest.approx(4 / 29 * 10)
     grey = np.array([0, 9, 19, 28]) * STEP % 256
     assert np.abs(frames.mean(axis=(1, 2, 3)) - grey).max() < STEP / 2
@@ -267,7 +267,7 @@ def test_video_frames_resize_as_torchvision_and_images_as_pil():
 
 def test_read_video_resizes_all_frames_to_one_size(tmp_path):
     path = write_mp4(tmp_path / "clip.mp4", 8, 4, h=100, w=130)
-    frames, _ = data.read_video(str(path), min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28)
+    frames, *_ = data.read_video(str(path), min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28)
     assert frames.shape == (4, *data.smart_resize(100, 130, max_pixels=8 * 28 * 28), 3)
 
 
@@ -330,7 +330,7 @@ def test_load_example_errors_name_the_json_record_and_media(tmp_path, tokenizer)
         data.load_example(record, tokenizer, config)
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(tmp_path / "imgs" / "missing.png")
-    prompt, clip, _ = data.load_example(record, tokenizer, config)
+    prompt, clip, *_ = data.load_example(record, tokenizer, config)
     assert len(prompt[0]) < 1000
     record["problem"] = "How many dots? " * 400  # over max_prompt_tokens: a bad record, named
     with pytest.raises(DataError,
@@ -344,9 +344,9 @@ def test_read_media_dispatches(tmp_path):
     video = write_mp4(tmp_path / "v.mp4", 8, 4)
     Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(tmp_path / "i.png")
     limits = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28)
-    frames, fps = data.read_media({"data_type": "video", "path": str(video)}, **limits)
+    frames, fps, _ = data.read_media({"data_type": "video", "path": str(video)}, **limits)
     assert frames.shape[0] == 4 and fps == pytest.approx(2.0)
-    frames, fps = data.read_media({"data_type": "image", "path": str(tmp_path / "i.png")}, **limits)
+    frames, fps, _ = data.read_media({"data_type": "image", "path": str(tmp_path / "i.png")}, **limits)
     assert frames.shape == (2, 56, 84, 3) and fps is None
 
 def write_frames(folder, n, h=56, w=84, size_of=None):
@@ -371,7 +371,7 @@ def frame_record(**fields):
 
 
 FRAME_CONFIG = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
-                    max_prompt_tokens=1000)
+                    max_prompt_tokens=1000, contrast_timestamps="ordered")
 
 
 @pytest.mark.parametrize("layout", ["mp4 file", "folder of that name", "folder without .mp4 (MVBench's own)"])
@@ -387,17 +387,17 @@ def test_frame_records_read_as_the_video_they_are(tmp_path, tokenizer, layout):
     else:
         write_frames(clip_path.with_suffix(""), 20)
     records, _ = data.load_records(write_json(tmp_path / "eval_mvbench.json", [frame_record()]))
-    frames, fps = data.read_media(records[0], **{k: FRAME_CONFIG[k] for k in data.FRAME_LIMITS})
+    frames, fps, _ = data.read_media(records[0], **{k: FRAME_CONFIG[k] for k in data.FRAME_LIMITS})
     assert frames.shape == (12, 56, 84, 3) and fps == pytest.approx(1.8)
     sampled = np.linspace(0, 19, 12).round()  # read_video's rule: uniform, in order, ends included
     assert np.abs(frames.mean(axis=(1, 2, 3)) / STEP - sampled).max() < 0.5
-    prompt, clip, contrast = data.load_example(records[0], tokenizer, FRAME_CONFIG, np.random.default_rng(0))
+    prompt, clip, contrast, _ = data.load_example(records[0], tokenizer, FRAME_CONFIG, np.random.default_rng(0))
     assert clip.is_video and clip.second_per_grid == pytest.approx(2 / 1.8) and contrast.grid_thw == clip.grid_thw
 
 
 def test_frame_folder_resizes_and_limits_as_a_video(tmp_path):
     folder = write_frames(tmp_path / "clip", 40, h=100, w=130)
-    frames, fps = data.read_frame_folder(str(folder), 3, fps=2.0, min_frames=4, max_frames=8,
+    frames, fps, _ = data.read_frame_folder(str(folder), 3, fps=2.0, min_frames=4, max_frames=8,
                                          min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28)
     assert frames.shape == (8, *data.smart_resize(100, 130, max_pixels=8 * 28 * 28), 3) and fps == pytest.approx(0.6)
     grey = np.linspace(0, 39, 8).round() * STEP % 256

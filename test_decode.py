@@ -24,8 +24,9 @@ def generate_reference(model, batch, max_new_tokens, stop_ids, pad_id, temperatu
     device = batch.attention_mask.device
     cache = DynamicCache(config=inner.config)
     mask = batch.attention_mask
-    prompt_embeds = M.embed_prompts(model, batch)
-    hidden = M.hidden_states(model, prompt_embeds, batch.position_ids, mask, cache)
+    prompt = M.embed_prompts(model, batch)
+    hidden = M.hidden_states(model, prompt.embeds, batch.position_ids, mask, cache, prompt.deepstack,
+                             prompt.vision_mask)
     last = hidden[:, -1]
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -214,7 +215,8 @@ def test_decode_step_compiles_whole(tiny):
     with torch.no_grad():
         decoder = M.Decoder(net, batch, 8)
         hidden_cache = DynamicCache(config=net.config)
-        M.hidden_states(net, M.embed_prompts(net, batch), batch.position_ids, batch.attention_mask, hidden_cache)
+        M.hidden_states(net, M.embed_prompts(net, batch).embeds, batch.position_ids, batch.attention_mask,
+                        hidden_cache)
         decoder.fill(hidden_cache)
         decoder.advance(torch.tensor([5, 6, 7, 8, 9]))
         eager = decoder.step()

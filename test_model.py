@@ -5,11 +5,9 @@ import pytest
 from transformers import Qwen2_5_VLForConditionalGeneration
 import bench
 import common as C
+import family
 import model as M
 from conftest import random_clip, encode_text
-
-TPS = 2  # tokens_per_second of the tiny config, as in the 7B checkpoint
-
 
 def batch_of(net, tok, rows, clips, row_clip):
     encoded = [encode_text(tok, text, clips[c] if c is not None else None) for text, c in zip(rows, row_clip)]
@@ -21,7 +19,7 @@ def test_video_positions_follow_the_checkpoint_rule_not_transformers_5(tiny):
     clip = random_clip(8, 112, 112, second_per_grid=1.0)  # 8 temporal patches of 1 s, a 4x4 merged grid
     ids, types = encode_text(tok, "red", clip)
     start = types.index(2)
-    pos = M.mrope_positions(types, clip, TPS)
+    pos = family.qwen2_5_positions(types, clip, net.config)
     block = pos[:, start:start + clip.num_tokens]
     assert block[0].unique().tolist() == [start + 2 * t for t in range(8)]  # 1 s x 2 tokens/s apart
     assert block[1].unique().tolist() == block[2].unique().tolist() == [start + i for i in range(4)]
@@ -39,7 +37,7 @@ def test_image_positions_equal_transformers(tiny):
     ids, types = encode_text(tok, "what colour is the square?", clip)
     hf, _ = net.model.get_rope_index(torch.tensor([ids]), torch.tensor([types]),
                                      image_grid_thw=torch.tensor([clip.grid_thw]))
-    assert torch.equal(hf[:, 0], M.mrope_positions(types, clip, TPS))
+    assert torch.equal(hf[:, 0], family.qwen2_5_positions(types, clip, net.config))
 
 
 def test_missing_mm_token_type_ids_changes_the_output(tiny):
@@ -54,7 +52,7 @@ def test_missing_mm_token_type_ids_changes_the_output(tiny):
     with torch.no_grad():
         with_types = net(**kwargs, mm_token_type_ids=batch.mm_types).logits
         without = net(**kwargs).logits
-        ours = net.lm_head(M.hidden_states(net, M.embed_prompts(net, batch), batch.position_ids, batch.attention_mask))
+        ours = net.lm_head(M.hidden_states(net, M.embed_prompts(net, batch).embeds, batch.position_ids, batch.attention_mask))
     torch.testing.assert_close(ours, with_types, rtol=0, atol=1e-5)
     assert (without - with_types).abs().max() > 1e-3
 
@@ -118,7 +116,7 @@ def test_video_generation_equals_naive_loop_without_cache(tiny):
     ids, attn, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     embed = net.model.get_input_embeddings()
     with torch.no_grad():
-        vision = M.embed_prompts(net, batch)
+        vision = M.embed_prompts(net, batch).embeds
         for step in range(ours.shape[1]):
             embeds = torch.cat([vision, embed(ids[:, batch.input_ids.shape[1]:])], 1)
             token = net.lm_head(M.hidden_states(net, embeds, pos, attn)[:, -1]).argmax(-1)

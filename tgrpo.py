@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import common
 import data
+import family
 import lifecycle
 import model
 import rewards
@@ -51,6 +52,9 @@ batch_size = 4              # prompts per device per step
 # G: ordered rollouts per prompt (paper: 8); a group of 1 has no advantage
 num_generations = 8
 num_contrast = 4            # G~: contrast rollouts per video prompt (paper: G/2); 0: none
+# Qwen3-VL's timestamps in a contrast prompt: "ordered" (the frames shuffled under them) or
+# "shuffled" with the frames (DETAILS.md, "The contrast with timestamps in the text")
+contrast_timestamps = "ordered"
 # False: plain GRPO, no temporal reward (the contrast rollouts still measure p~)
 temporal = True
 temporal_rule = "paper"     # "paper" or "official" (rewards.temporal_bonus)
@@ -121,6 +125,7 @@ argv = sys.argv[1:] if __name__ == "__main__" else []
 choices = dict(temporal_rule=tuple(rewards.RULES),
                length_rule=tuple(rewards.RULES),
                bonus_to=rewards.BONUS_TO,
+               contrast_timestamps=data.CONTRAST_TIMESTAMPS,
                loss_norm=("sequence", "token"),
                attn=model.ATTENTION,
                batch_size=range(1, 2**16),
@@ -157,7 +162,8 @@ def rollout(policy, records, tokenizer, step, device):
     contrast_rng = None
     if num_contrast:
         contrast_rng = rng
-    examples, skipped = data.load_examples(records, tokenizer, config, contrast_rng)
+    fam = family.of(model.unwrap(policy).config)
+    examples, skipped = data.load_examples(records, tokenizer, config, contrast_rng, fam)
 
     # the rows: G see the clip in order, G~ the shuffled one; a clip is encoded once for its rows
     clips = []
@@ -165,15 +171,15 @@ def rollout(policy, records, tokenizer, step, device):
     row_clip = []
     rows = []
     for i, example in enumerate(examples):
-        views = ((example.clip, num_generations, False),
-                 (example.contrast_clip, num_contrast, True))
-        for clip, n, contrast in views:
+        views = ((example.clip, example.prompt, num_generations, False),
+                 (example.contrast_clip, example.contrast_prompt, num_contrast, True))
+        for clip, prompt, n, contrast in views:
             # a contrast clip exists only for a video, and only when num_contrast > 0
             if clip is None:
                 continue
             clips.append(clip)
             for _ in range(n):
-                encoded.append(example.prompt)
+                encoded.append(prompt)
                 row_clip.append(len(clips) - 1)
                 rows.append(Row(i, contrast))
     # every record of this rank failed: no rows (update_batch gives the placeholder)

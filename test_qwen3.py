@@ -1,0 +1,188 @@
+"""Qwen3-VL through the same code as Qwen2.5-VL: the family read from the checkpoint, its positions, prompt and
+forward equal to transformers' on the tiny Qwen3-VL."""
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+import family
+import lifecycle
+
+
+def test_tiny_qwen3_loads_as_its_family(tiny3, tiny):
+    net, tok, path = tiny3
+    assert isinstance(net, Qwen3VLForConditionalGeneration)
+    assert family.of(net.config) is family.of_folder(path) is family.FAMILIES["qwen3_vl"]
+    assert family.of(tiny[0].config) is family.DEFAULT
+    assert tok.get_vocab() == tiny[1].get_vocab()  # the tiny Qwen2.5-VL's tokenizer
+    again, _ = lifecycle.load_model(path, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+import types
+import numpy as np
+import pytest
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+import data
+import model as M
+import synthetic
+from conftest import random_clip, encode_text
+
+QWEN3 = family.FAMILIES["qwen3_vl"]
+
+
+def clip3(t, height, width, is_video=True, seed=0):
+    """A Qwen3-VL clip of random pixels: 16-px patches, its patches 1 s apart."""
+    return random_clip(t, height, width, is_video=is_video, seed=seed, patch=QWEN3.patch)
+
+
+def batch3(net, tok, texts, clips, row_clip):
+    encoded = [encode_text(tok, text, None if c is None else clips[c], QWEN3) for text, c in zip(texts, row_clip)]
+    return M.collate_prompts(encoded, clips, tok.pad_token_id, net.config, row_clip=row_clip)
+
+
+def media_inputs(batch):
+    """transformers' pixel inputs of a batch: each row's clip repeated for the row, images and videos apart."""
+    inputs = {}
+    for kind, is_video in (("image", False), ("video", True)):
+        shown = [batch.clips[c] for c in batch.row_clip if c is not None and batch.clips[c].is_video == is_video]
+        if shown:
+            key = "pixel_values_videos" if is_video else "pixel_values"
+            inputs[key] = torch.cat([clip.pixel_values for clip in shown])
+            inputs[f"{kind}_grid_thw"] = torch.tensor([clip.grid_thw for clip in shown])
+    return inputs
+
+
+POSITION_CASES = {
+    "image": ([("what colour is it?", (1, 64, 64, False))], [0]),
+    "wide image": ([("what colour?", (1, 64, 128, False))], [0]),
+    "tall image": ([("what colour?", (1, 128, 64, False))], [0]),
+    "video of 1 patch": ([("which way?", (1, 64, 64, True))], [0]),
+    "video of 2 patches": ([("which way?", (2, 64, 96, True))], [0]),
+    "video of 8 patches": ([("which way does the object move?", (8, 64, 64, True))], [0]),
+    "tall video of 8 patches": ([("which way?", (8, 96, 64, True))], [0]),
+    "text only": ([("hello there", None)], [None]),
+    "long text after": ([("red " * 40, (2, 64, 64, True))], [0]),
+    "left padding": ([("which way?", (2, 64, 96, True)), ("what colour is the big square?", (1, 64, 128, False)),
+                      ("hi", None), ("it moves right", (8, 64, 64, True))], [0, 1, None, 2]),
+    "rows share a clip": ([("which way?", (2, 64, 64, True)), ("red", None), ("the blue one, first or last?", None)],
+                          [0, None, 0]),
+}
+
+
+@pytest.mark.parametrize("case", POSITION_CASES)
+def test_positions_equal_transformers_get_rope_index(tiny3, case):
+    net, tok, _ = tiny3
+    rows, row_clip = POSITION_CASES[case]
+    clips = [clip3(*shape[:3], is_video=shape[3], seed=i) for i, (_, shape) in enumerate(rows) if shape]
+    clip_rows = [c for c in row_clip if c is not None]
+    clips = [clips[clip_rows.index(c)] for c in sorted(set(clip_rows))]
+    batch = batch3(net, tok, [text for text, _ in rows], clips, row_clip)
+    grids = {k: v for k, v in media_inputs(batch).items() if k.endswith("grid_thw")}
+    hf, _ = net.model.get_rope_index(batch.input_ids, batch.mm_types, attention_mask=batch.attention_mask, **grids)
+    assert torch.equal(batch.position_ids, hf)
+    if any(clip.is_video and clip.grid_thw[0] > 1 for clip in clips):  # a block restarts time: rows of blocks repeat
+        row = batch.mm_types[0] == 2
+        assert batch.position_ids[0, 0, row].unique().numel() == clips[0].grid_thw[0]
+
+
+def test_video_prompt_equals_the_qwen3_processor(tmp_path, tiny3):
+    """The prompt ids of a real video read as Qwen3-VL: the chat template's `<|vision_start|><|video_pad|><|vision_end|>`
+    replaced by what Qwen3VLProcessor.replace_video_token builds from the frames' metadata (its timestamps by its own
+    _calculate_timestamps), as the released processor replaces it."""
+    _, tok, _ = tiny3
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (64, 96, 3), dtype=np.uint8) for _ in range(23)]
+    path = str(tmp_path / "v.mp4")
+    synthetic.write_mp4(path, frames, 5)  # 4.6 s at 5 fps: 8 frames sampled at 2 fps, not evenly spaced indices
+    record = {"problem": "Which way?", "problem_type": "free-form", "data_type": "video", "path": path}
+    config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=32 * 32, max_pixels=6 * 32 * 32)
+    frames, fps, times = data.read_media(record, **config, factor=32)
+    clip = data.make_clip(frames, fps, times, QWEN3)
+    ids, types = data.encode_prompt(tok, record, clip, 10_000, QWEN3)
+
+    # the processor's pieces: the video's metadata (its fps and the sampled frames' indices) and the grid
+    indices = np.linspace(0, 22, len(frames)).round().astype(int)
+    metadata = types_ns(fps=5.0, frames_indices=indices)
+    processor = types_ns(video_processor=types_ns(merge_size=2, temporal_patch_size=2),
+                         vision_start_token="<|vision_start|>", video_token="<|video_pad|>",
+                         vision_end_token="<|vision_end|>",
+                         _calculate_timestamps=lambda *a: Qwen3VLProcessor._calculate_timestamps(None, *a))
+    placeholder = Qwen3VLProcessor.replace_video_token(
+        processor, {"video_grid_thw": torch.tensor([clip.grid_thw]), "video_metadata": [metadata]}, 0)
+    assert placeholder.startswith("<0.3 seconds><|vision_start|>")  # frames 0 and 3 of the file: (0 + 0.6) / 2 s
+    template = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "<|vision_start|><|video_pad|><|vision_end|>" + data.question_text(record) +
+                "<|im_end|>\n<|im_start|>assistant\n")
+    expected = template.replace("<|vision_start|><|video_pad|><|vision_end|>", placeholder)
+    assert ids == tok(expected, add_special_tokens=False).input_ids
+    assert clip.grid_thw[0] == 4 and expected.count("seconds>") == 4
+    # the processor's mm_token_type_ids: 2 on the video pads only
+    assert types == [2 * (i == tok.convert_tokens_to_ids("<|video_pad|>")) for i in ids]
+    # Qwen3-VL's 16-px patches: 3 * 2 * 16 * 16 values per patch, 0.5-normalised
+    assert clip.pixel_values.shape[1] == 3 * 2 * 16 * 16
+    assert torch.allclose(clip.pixel_values[0, 0], torch.tensor(frames[0, 0, 0, 0] / 255 / 0.5 - 1).float())
+
+
+def types_ns(**kwargs):
+    return types.SimpleNamespace(**kwargs)
+
+
+def completion_case(net, tok):
+    clips = [clip3(4, 64, 64, seed=1), clip3(4, 64, 64, seed=2), clip3(1, 64, 96, is_video=False, seed=3)]
+    row_clip = [0, 0, 1, 2, None, 1]  # rows share clips; an image and a text-only row too
+    texts = ["red", "red square", "blue", "what colour?", "hello", "it moves right"]
+    batch = batch3(net, tok, texts, clips, row_clip)
+    completion = torch.randint(10, 200, (6, 5), generator=torch.Generator().manual_seed(0))
+    return batch, completion
+
+
+def test_vision_once_with_deepstack_equals_transformers_forward(tiny3):
+    """Log-probs and parameter gradients of our vision-once path (DeepStack features scattered into every row of a
+    clip) equal transformers' own forward with each row's pixels and its own positions, in fp32."""
+    net, tok, _ = tiny3
+    net.zero_grad()
+    batch, completion = completion_case(net, tok)
+    mask = torch.ones_like(completion)
+    ours = M.completion_logprobs(net, batch, completion, mask)
+    ours.sum().backward()
+    ours_grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+
+    P = batch.input_ids.shape[1]
+    ids = torch.cat([batch.input_ids, completion], 1)
+    logits = net(input_ids=ids, attention_mask=torch.cat([batch.attention_mask, mask], 1),
+                 mm_token_type_ids=torch.cat([batch.mm_types, torch.zeros_like(completion)], 1),
+                 **media_inputs(batch)).logits[:, P - 1:-1]
+    plain = logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+    plain.sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    assert len(ours_grads) == len([p for p in net.parameters() if p.grad is not None])
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("model.visual.deepstack_merger_list.0.linear_fc1.weight", "model.visual.pos_embed.weight"):
+        assert ours_grads[name].abs().sum() > 0  # gradients reach DeepStack's mergers and the position table
+    net.zero_grad()
+
+
+def test_deepstack_changes_the_output(tiny3):
+    """Without its DeepStack features the forward differs: the test above could not pass with them dropped."""
+    net, tok, _ = tiny3
+    batch, completion = completion_case(net, tok)
+    with torch.no_grad():
+        prompt = M.embed_prompts(net, batch)
+        full = M.hidden_states(net, prompt.embeds, batch.position_ids, batch.attention_mask, None, prompt.deepstack,
+                               prompt.vision_mask)
+        without = M.hidden_states(net, prompt.embeds, batch.position_ids, batch.attention_mask)
+    assert len(prompt.deepstack) == 2 and (full - without).abs().max() > 1e-3
+
+
+def test_greedy_generation_equals_transformers_greedy(tiny3):
+    """Video, image and text prompts, left-padded: our prefill + static-KV-cache decode (q/k norms per head) gives
+    transformers' greedy tokens, token for token."""
+    net, tok, _ = tiny3
+    batch, _ = completion_case(net, tok)
+    ours, mask = M.generate(net, batch, 12, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    ref = net.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=batch.mm_types,
+                       **media_inputs(batch), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    ref = ref[:, batch.input_ids.shape[1]:]
+    assert ours.shape[1] == ref.shape[1]
+    assert torch.equal(ours * mask, ref * mask)
