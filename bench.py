@@ -4,6 +4,7 @@ GPUs").
 
     python bench.py                        # the tiny model (out/tiny-qwen2.5-vl) or --model_path
     python bench.py configs/bench_gpu.py   # one GPU: Qwen2.5-VL-7B from its config, random bf16
+    python bench.py configs/bench_gpu.py configs/bench_gpu_qwen3.py   # the same, Qwen3-VL-8B
 
 G ordered + G~ shuffled rows of a random clip: rollouts of new_tokens each (none stops) in one
 generate call, each clip encoded once, against the official two model.generate calls with the
@@ -20,21 +21,23 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from peft import get_peft_model
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig
 
 import common
 import data
+import family
 import lifecycle
 import model
 import tgrpo
 
 model_path = "out/tiny-qwen2.5-vl"  # any Qwen2.5-VL folder
-# "full": Qwen2.5-VL-7B, random weights; "small": a narrow one (CPU test, memory)
+# "full": Qwen2.5-VL-7B, random weights; "small": a narrow one (CPU test, memory); "qwen3_8b",
+# "qwen3_small": the same for Qwen3-VL-8B
 random_7b = ""
 num_generations = 8                 # G rows see the clip in order
 num_contrast = 4                    # G~ rows see it shuffled
 frames = 16                         # frames in the clip
-height = 112                        # frame size in pixels, multiples of 28
+height = 112                        # frame size in pixels, multiples of 28 (Qwen3-VL: 32)
 width = 112
 new_tokens = 32                     # generated per row
 grad_ckpt = False                   # gradient checkpointing in the loss pass (paper scale)
@@ -45,7 +48,7 @@ hbm_tb_s = 3.35
 # True: memory_peak() with full fine-tuning and with LoRA, in forked processes
 memory = False
 common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
-                 choices=dict(random_7b=("", "full", "small")))
+                 choices=dict(random_7b=("", "full", "small", "qwen3_8b", "qwen3_small")))
 
 
 class Timed(NamedTuple):
@@ -73,6 +76,34 @@ def config_7b(small):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
                             video_token_id=151656, vision_start_token_id=151652,
                             vision_end_token_id=151653, tie_word_embeddings=False)
+
+
+def config_qwen3_8b(small):
+    """Qwen3-VL-8B-Instruct's architecture (its config.json); small: as config_7b's (4 text layers
+    of width 512, 2 vision blocks, DeepStack after both), same vocab and ids."""
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True}
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=262144, rms_norm_eps=1e-6, rope_parameters=rope)
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                  out_hidden_size=4096, patch_size=16, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24])
+    if small:
+        text |= dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2)
+        vision |= dict(depth=2, hidden_size=160, intermediate_size=256, num_heads=2,
+                       out_hidden_size=512, deepstack_visual_indexes=[0, 1])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                         video_token_id=151656, vision_start_token_id=151652,
+                         vision_end_token_id=151653, tie_word_embeddings=False)
+
+
+def random_config(name):
+    """The config of a random_7b value."""
+    if name.startswith("qwen3"):
+        return config_qwen3_8b(name == "qwen3_small")
+    return config_7b(name == "small")
 
 
 def timed(fn):
@@ -116,20 +147,28 @@ def rollout_times(net, batch, compile_step=False):
 
 def prompt_batch(config, device):
     """G + G~ rows of one prompt (the clip, 60 question tokens clear of special ids); the first G
-    are ordered."""
+    are ordered. Qwen3-VL: a block per temporal patch, after its timestamp (6 text tokens, their
+    ids arbitrary: no tokenizer here)."""
     rng = np.random.default_rng(0)
+    fam = family.of(config)
     video = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
-    ordered = data.make_clip(video, 2.0)
-    shuffled = data.make_clip(data.contrast_frames(video, rng), 2.0)
+    times = np.arange(frames) / 2.0  # (frames,) sampled at 2 fps
+    ordered = data.make_clip(video, 2.0, times, fam)
+    shuffled = data.make_clip(data.contrast_frames(video, rng), 2.0, times, fam)
 
-    # <vision_start>, n video pads, <vision_end>, then the question; mm types: 2 on video pads
-    n = ordered.num_tokens
-    clip_ids = [config.vision_start_token_id,
-                *repeat(config.video_token_id, n),
-                config.vision_end_token_id]
+    # <vision_start>, n video pads, <vision_end> (per patch after its timestamp), then the
+    # question; mm types: 2 on video pads
+    blocks = 1
+    stamp = []
+    if fam.timestamps:
+        blocks = ordered.grid_thw[0]
+        stamp = rng.integers(100, 400, 6).tolist()
+    n = ordered.num_tokens // blocks
+    block = [*stamp, config.vision_start_token_id, *repeat(config.video_token_id, n),
+             config.vision_end_token_id]
+    block_types = [*repeat(0, len(stamp) + 1), *repeat(2, n), 0]
     question = rng.integers(100, 400, 60).tolist()
-    mm_types = [0, *repeat(2, n), *repeat(0, 61)]
-    prompt = (clip_ids + question, mm_types)
+    prompt = (block * blocks + question, block_types * blocks + [0] * 60)
 
     # rows 0..G-1 show clip 0 (in order), the G~ after them clip 1 (shuffled)
     rows = num_generations + num_contrast
@@ -143,6 +182,11 @@ def hf_inputs(batch, ids):
     per row."""
     clips = [batch.clips[c] for c in batch.row_clip]
     dev = batch.input_ids.device
+    # Qwen2.5-VL's temporal spacing; Qwen3-VL's time is in the prompt's text (its clips' timestamps)
+    spacing = {}
+    if clips[0].timestamps is None:
+        seconds = [c.second_per_grid for c in clips]
+        spacing = dict(second_per_grid_ts=torch.tensor(seconds, device=dev))
     return dict(
         input_ids=torch.cat([batch.input_ids, ids], 1),  # (B, P + T)
         attention_mask=torch.cat([batch.attention_mask, torch.ones_like(ids)], 1),
@@ -150,7 +194,7 @@ def hf_inputs(batch, ids):
         # (B * patches, patch dim): every row's copy of its clip
         pixel_values_videos=torch.cat([c.pixel_values for c in clips]).to(dev),
         video_grid_thw=torch.tensor([c.grid_thw for c in clips], device=dev),  # (B, 3)
-        second_per_grid_ts=torch.tensor([c.second_per_grid for c in clips], device=dev),
+        **spacing,
     )
 
 
@@ -215,9 +259,9 @@ if __name__ == "__main__":
         dtype = torch.float32
         if device == "cuda":
             dtype = torch.bfloat16
+        config = random_config(random_7b)
         with torch.device(device):
-            net = Qwen2_5_VLForConditionalGeneration._from_config(config_7b(random_7b == "small"),
-                                                                  dtype=dtype)
+            net = family.of(config).model_class._from_config(config, dtype=dtype)
     else:
         net = lifecycle.load_model(model_path, device)[0]
     batch = prompt_batch(net.config, device)

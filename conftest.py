@@ -55,7 +55,9 @@ def encode_text(tok, text, clip, fam=None):
     import data
     import family
     fam = fam or family.DEFAULT
-    before, after = data.chat_template(clip, fam) if clip else ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+    before, after = ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+    if clip:
+        before, after = data.chat_template(clip, fam)
     prompt = before + text + after
     ids = tok(prompt, add_special_tokens=False).input_ids
     kinds = {tok.convert_tokens_to_ids(t): kind for t, kind in data.MM_TYPE.items()}

@@ -119,7 +119,7 @@ class Family:
     image_std: tuple
     positions: Callable    # (mm_types, clip, config) -> (3, L) positions of an unpadded prompt
     media_text: Callable   # clip -> the prompt text that stands for the clip
-    timestamps: bool       # a video clip carries its temporal patches' times (the prompt shows them)
+    timestamps: bool       # a video clip carries its temporal patches' times, the prompt shows them
     deepstack: bool        # the vision tower's DeepStack features join the first language layers
     qk_norm: bool          # attention normalises q and k per head before RoPE
 

@@ -20,7 +20,8 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_sa
 
 
 def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None):
-    """Qwen2.5-VL or Qwen3-VL (the folder's config says which) from a local folder: bf16 on GPU, fp32 on CPU unless told; never runs remote code.
+    """Qwen2.5-VL or Qwen3-VL (the folder's config says which) from a local folder: bf16 on GPU,
+    fp32 on CPU unless told; never runs remote code.
 
     `lora` (a LoraConfig) adds fresh adapters. An adapter folder loads on the (absolute) base
     folder its adapter_config.json names: merged, or trainable when `lora` is given and matches it

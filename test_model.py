@@ -52,7 +52,8 @@ def test_missing_mm_token_type_ids_changes_the_output(tiny):
     with torch.no_grad():
         with_types = net(**kwargs, mm_token_type_ids=batch.mm_types).logits
         without = net(**kwargs).logits
-        ours = net.lm_head(M.hidden_states(net, M.embed_prompts(net, batch).embeds, batch.position_ids, batch.attention_mask))
+        embeds = M.embed_prompts(net, batch).embeds
+        ours = net.lm_head(M.hidden_states(net, embeds, batch.position_ids, batch.attention_mask))
     torch.testing.assert_close(ours, with_types, rtol=0, atol=1e-5)
     assert (without - with_types).abs().max() > 1e-3
 

@@ -1,9 +1,22 @@
 """Qwen3-VL through the same code as Qwen2.5-VL: the family read from the checkpoint, its positions, prompt and
 forward equal to transformers' on the tiny Qwen3-VL."""
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+import numpy as np
+import pytest
 import torch
 from transformers import Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+import data
 import family
 import lifecycle
+import model as M
+import synthetic
+from conftest import random_clip, encode_text, run_script
 
 
 def test_tiny_qwen3_loads_as_its_family(tiny3, tiny):
@@ -15,15 +28,6 @@ def test_tiny_qwen3_loads_as_its_family(tiny3, tiny):
     again, _ = lifecycle.load_model(path, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
-
-import types
-import numpy as np
-import pytest
-from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-import data
-import model as M
-import synthetic
-from conftest import random_clip, encode_text
 
 QWEN3 = family.FAMILIES["qwen3_vl"]
 
@@ -84,8 +88,8 @@ def test_positions_equal_transformers_get_rope_index(tiny3, case):
 
 
 def test_video_prompt_equals_the_qwen3_processor(tmp_path, tiny3):
-    """The prompt ids of a real video read as Qwen3-VL: the chat template's `<|vision_start|><|video_pad|><|vision_end|>`
-    replaced by what Qwen3VLProcessor.replace_video_token builds from the frames' metadata (its timestamps by its own
+    """The prompt ids of a real video read as Qwen3-VL: the chat template's
+    `<|vision_start|><|video_pad|><|vision_end|>` replaced by what Qwen3VLProcessor.replace_video_token builds from the frames' metadata (its timestamps by its own
     _calculate_timestamps), as the released processor replaces it."""
     _, tok, _ = tiny3
     rng = np.random.default_rng(0)
@@ -186,3 +190,82 @@ def test_greedy_generation_equals_transformers_greedy(tiny3):
     ref = ref[:, batch.input_ids.shape[1]:]
     assert ours.shape[1] == ref.shape[1]
     assert torch.equal(ours * mask, ref * mask)
+
+
+@pytest.fixture(scope="module")
+def sft3(toy, tmp_path_factory):
+    """The tiny Qwen3-VL (the toy task's tokenizer) after 2 SFT steps on the toy task: (data_dir, SFT run folder)."""
+    data_dir, _ = toy
+    root = tmp_path_factory.mktemp("qwen3_run")
+    model_path = str(root / "tiny-qwen3-vl")
+    records, _ = data.load_records(os.path.join(data_dir, "sft.json"))
+    synthetic.ensure_tiny_model(model_path, [data.question_text(r) + data.sft_target(r) for r in records],
+                                model_type="qwen3_vl")
+    out = str(root / "sft")
+    code, output = run_script("sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}", f"--out_dir={out}",
+                              "--max_steps=2", "--batch_size=2", "--grad_accum=1", "--val_records=4",
+                              "--eval_interval=2", "--warmup_steps=1", "--ckpt_interval=2")
+    assert code == 0, output[-6000:]
+    return data_dir, out
+
+
+def run_tgrpo3(sft3, out_dir, *args, nproc=1):
+    data_dir, sft_out = sft3
+    code, output = run_script("tgrpo.py", f"--data_dir={data_dir}", f"--init_from={sft_out}", f"--out_dir={out_dir}",
+                              "--max_steps=2", "--batch_size=2", "--num_generations=4", "--num_contrast=2",
+                              "--max_new_tokens=6", "--lr=1e-3", "--ckpt_interval=2", *args, nproc=nproc)
+    assert code == 0, output[-6000:]
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("timestamps", data.CONTRAST_TIMESTAMPS)
+def test_tgrpo_and_eval_run_the_tiny_qwen3_end_to_end(sft3, tmp_path, timestamps):
+    """SFT (the fixture), then T-GRPO from its folder and eval of T-GRPO's: the family comes from the folders alone."""
+    metrics = run_tgrpo3(sft3, tmp_path / "tgrpo", f"--contrast_timestamps={timestamps}")
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    config = json.load(open(tmp_path / "tgrpo" / "step_000002" / "config.json"))
+    assert config["model_type"] == "qwen3_vl"
+    data_dir, _ = sft3
+    result = subprocess.run([sys.executable, "eval.py", f"--model_path={tmp_path / 'tgrpo'}",
+                             f"--data={os.path.join(data_dir, 'eval.json')}", f"--out_dir={tmp_path / 'eval'}",
+                             "--batch_size=4", "--max_new_tokens=4", "--shuffled=True",
+                             f"--contrast_timestamps={timestamps}"],
+                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_contrast_keeps_timestamps_in_order_unless_told(toy, tiny3):
+    """The default contrast clip shuffles the frames under timestamps in time order (the prompt is the ordered one's);
+    contrast_timestamps="shuffled" moves the timestamps with their frames, so the prompt differs."""
+    data_dir, _ = toy
+    _, tok, _ = tiny3
+    records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
+    record = next(r for r in records if r["data_type"] == "video")
+    config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
+                  max_prompt_tokens=10_000)
+    ordered = data.load_example(record, tok, config | {"contrast_timestamps": "ordered"},
+                                np.random.default_rng(0), QWEN3)
+    shuffled = data.load_example(record, tok, config | {"contrast_timestamps": "shuffled"},
+                                 np.random.default_rng(0), QWEN3)
+    prompt, clip, contrast, contrast_prompt = ordered
+    assert contrast.timestamps == clip.timestamps and contrast_prompt is prompt
+    assert not torch.equal(contrast.pixel_values, clip.pixel_values)
+    assert torch.equal(shuffled[2].pixel_values, contrast.pixel_values)  # the same frame order either way
+    assert shuffled[2].timestamps != clip.timestamps
+    assert shuffled[3] != prompt
+
+
+def test_two_process_zero3_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
+    metrics = run_tgrpo3(sft3, tmp_path, "--deepspeed=configs/ds_zero3.json", nproc=2)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics) and metrics[-1]["grad_norm"] > 0
+
+
+def test_gpu_check_runs_qwen3_8b_shapes_on_cpu_small():
+    """bench.py's GPU check with Qwen3-VL-8B's architecture made narrow (its vocabulary, ids, interleaved M-RoPE,
+    DeepStack, timestamped blocks): every measurement prints, and the vision-once log-probs equal transformers'."""
+    code, output = run_script("bench.py", "configs/bench_gpu.py", "configs/bench_gpu_qwen3.py", "--random_7b=qwen3_small",
+                              "--frames=4", "--height=64", "--width=128", "--new_tokens=3", "--repeats=1")
+    assert code == 0, output[-4000:]
+    assert re.search(r"decode   LoRA rank 64 [\d.]+ ms/token", output)
+    assert float(re.search(r"max \|diff\| of log-probs (\S+)", output).group(1)) < 1e-4
