@@ -89,8 +89,9 @@ def test_positions_equal_transformers_get_rope_index(tiny3, case):
 
 def test_video_prompt_equals_the_qwen3_processor(tmp_path, tiny3):
     """The prompt ids of a real video read as Qwen3-VL: the chat template's
-    `<|vision_start|><|video_pad|><|vision_end|>` replaced by what Qwen3VLProcessor.replace_video_token builds from the frames' metadata (its timestamps by its own
-    _calculate_timestamps), as the released processor replaces it."""
+    `<|vision_start|><|video_pad|><|vision_end|>` replaced by what Qwen3VLProcessor.replace_video_token builds from
+    the frames' metadata (its timestamps by its own _calculate_timestamps), as the released processor replaces it
+    (transformers 5.24's generic expansion replaces the pad alone, which would wrap each block twice: DETAILS.md)."""
     _, tok, _ = tiny3
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (64, 96, 3), dtype=np.uint8) for _ in range(23)]
@@ -264,8 +265,22 @@ def test_two_process_zero3_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
 def test_gpu_check_runs_qwen3_8b_shapes_on_cpu_small():
     """bench.py's GPU check with Qwen3-VL-8B's architecture made narrow (its vocabulary, ids, interleaved M-RoPE,
     DeepStack, timestamped blocks): every measurement prints, and the vision-once log-probs equal transformers'."""
-    code, output = run_script("bench.py", "configs/bench_gpu.py", "configs/bench_gpu_qwen3.py", "--random_7b=qwen3_small",
-                              "--frames=4", "--height=64", "--width=128", "--new_tokens=3", "--repeats=1")
+    code, output = run_script("bench.py", "configs/bench_gpu.py", "configs/bench_gpu_qwen3.py",
+                              "--random_7b=qwen3_small", "--frames=4", "--height=64", "--width=128", "--new_tokens=3", "--repeats=1")
     assert code == 0, output[-4000:]
     assert re.search(r"decode   LoRA rank 64 [\d.]+ ms/token", output)
     assert float(re.search(r"max \|diff\| of log-probs (\S+)", output).group(1)) < 1e-4
+
+
+def test_qwen3_configs_apply_to_their_scripts():
+    """configs/*qwen3* on top of the paper configs: every key exists in its script with the right type."""
+    import common
+    import sft
+    import tgrpo
+    stacks = ((sft, ["sft_paper.py", "sft_qwen3_8b.py"]),
+              (tgrpo, ["tgrpo_paper.py", "tgrpo_qwen3_8b.py"]),
+              (tgrpo, ["tgrpo_paper.py", "tgrpo_qwen3_8b.py", "tgrpo_qwen3_8b_lora_1gpu.py"]))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script, names in stacks:
+        config = common.configure(dict(script.config), [os.path.join(here, "configs", name) for name in names])
+        assert config["max_pixels"] == 128 * 32 * 32
