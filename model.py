@@ -1,6 +1,7 @@
-"""The forward pass of Qwen2.5-VL as the scripts use it: M-RoPE positions by hand, prompt batches,
-the vision tower run once per distinct clip, generation from a static KV cache (a CUDA graph on
-GPU) and per-token log-probs.
+"""The forward pass of Qwen2.5-VL and Qwen3-VL as the scripts use it: prompt batches with M-RoPE
+positions by hand (family.py: what differs between the two), the vision tower run once per
+distinct clip (with Qwen3-VL's DeepStack features), generation from a static KV cache (a CUDA
+graph on GPU) and per-token log-probs.
 
 Loading and saving a model: lifecycle.py."""
 import math

@@ -109,7 +109,7 @@ def test_one_step_picture_rows_clips_and_shapes(toy, monkeypatch):
     assert [(c.is_video, c.grid_thw, c.pixel_values.shape[0], c.num_tokens) for c in batch.clips] == [
         (True, (4, 4, 4), 64, 16), (True, (4, 4, 4), 64, 16), (False, (1, 4, 4), 16, 4)]
     B, P = batch.input_ids.shape
-    n_video, n_image = (len(prompt[0]) for _, prompt, _, _ in examples)
+    n_video, n_image = (len(example.prompt[0]) for example in examples)
     assert B == 20 and P == n_video > n_image
     assert batch.attention_mask.shape == batch.mm_types.shape == (B, P) and batch.position_ids.shape == (3, B, P)
     assert batch.next_pos.tolist() == [P - 9] * 12 + [n_image - 2] * 8  # 16 video tokens take 7 positions, 4 take 2

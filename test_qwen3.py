@@ -284,3 +284,10 @@ def test_qwen3_configs_apply_to_their_scripts():
     for script, names in stacks:
         config = common.configure(dict(script.config), [os.path.join(here, "configs", name) for name in names])
         assert config["max_pixels"] == 128 * 32 * 32
+
+
+def test_lora_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
+    """LoRA adapters on the Qwen3 text layers (q/k norms untouched), decoded from merged copies."""
+    metrics = run_tgrpo3(sft3, tmp_path, "--lora_rank=4", "--lora_alpha=8")
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics) and metrics[-1]["grad_norm"] > 0
+    assert os.path.isfile(tmp_path / "step_000002" / "adapter" / "adapter_config.json")

@@ -115,7 +115,7 @@ def test_image_only_batch_has_no_shuffled_rollouts(toy, monkeypatch):
     net, tok, records = load_examples(toy, ["image"], 3)
     examples, rows, batch, ids, mask, skipped = tgrpo.rollout(net, records, tok, 0, "cpu")
     assert len(rows) == 3 * tgrpo.num_generations and not any(shuffled for _, shuffled in rows)
-    assert all(shuffled is None for *_, shuffled in examples)
+    assert all(example.contrast_clip is None for example in examples)
     lengths = mask.sum(1).tolist()
     stats = tgrpo.step_stats(tgrpo.score(examples, rows, tok.batch_decode(ids), lengths), rows, lengths)
     assert stats["p"] == [] and stats["bonus_granted"] == [] and set(stats["temporal_bonus"]) == {0.0}
