@@ -105,7 +105,7 @@ def timestamped_blocks(clip):
     as one block per temporal patch, each after its time `<{t:.1f} seconds>`."""
     if not clip.is_video:
         return one_block(clip)
-    t, h, w = merged_grid(clip)
+    _, h, w = merged_grid(clip)
     pads = "<|video_pad|>" * (h * w)
     return "".join(f"<{seconds:.1f} seconds><|vision_start|>{pads}<|vision_end|>"
                    for seconds in clip.timestamps)
