@@ -26,7 +26,6 @@ accuracies and one format reward per group eq. 3's std division cancels the bonu
 (tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
 """
 import contextlib
-import dataclasses
 import os
 import sys
 import time
@@ -201,24 +200,23 @@ def rollout(policy, records, tokenizer, step, device):
 def response_credit(policy, out):
     """(B,) the response-level temporal credit (rewards.temporal_credit) of every ordered row of a
     video with contrast rows; 0 for contrast rows and images. One no-grad log-prob pass of those
-    responses, on their ordered clip and pointed at their prompt's shuffled clip (the same prompt
-    tokens and positions: a shuffle keeps the clip's shape)."""
+    responses, on their own prompt rows and on a contrast row's prompt of the same video: its
+    shuffled clip, and under Qwen3-VL its own timestamps (contrast_timestamps)."""
     credit = np.zeros(len(out.rows))
-    # each video prompt's shuffled clip: the one its contrast rows show
-    shuffled_clip = {}
+    # each video prompt's contrast prompt: the prompt row of one of its contrast rows
+    contrast_row = {}
     for b, row in enumerate(out.rows):
         if row.contrast:
-            shuffled_clip[row.prompt] = out.batch.row_clip[b]
+            contrast_row[row.prompt] = b
     chosen = [b for b, row in enumerate(out.rows)
-              if not row.contrast and row.prompt in shuffled_clip]
+              if not row.contrast and row.prompt in contrast_row]
     if not chosen:
         return credit
 
-    # the chosen rows twice: first on their own clips, then on the shuffled ones
+    # the chosen responses twice: first after their own prompts, then after the contrast prompts
     n = len(chosen)
-    both = out.batch.select(chosen + chosen)
-    on_shuffled = [shuffled_clip[out.rows[b].prompt] for b in chosen]
-    both = dataclasses.replace(both, row_clip=both.row_clip[:n] + on_shuffled)
+    on_shuffled = [contrast_row[out.rows[b].prompt] for b in chosen]
+    both = out.batch.select(chosen + on_shuffled)
     ids = out.ids[chosen + chosen]  # (2n, T)
     mask = out.mask[chosen + chosen]  # (2n, T)
     with torch.no_grad():
