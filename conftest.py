@@ -64,6 +64,27 @@ def encode_text(tok, text, clip, fam=None):
     return ids, [kinds.get(i, 0) for i in ids]
 
 
+def ours_with_grads(net, batch, completion, mask):
+    """Our completion log-probs (B, T) and the parameter gradients of their sum; the net's gradients are zeroed."""
+    net.zero_grad()
+    ours = model.completion_logprobs(net, batch, completion, mask)
+    ours.sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+    return ours, grads
+
+
+def assert_matches_transformers(net, ours, ours_grads, logits, completion):
+    """`logits` (B, T, V): transformers' own forward at the completion's positions. Its log-probs of the completion
+    equal ours, and the gradients of their sum equal ours_grads, parameter by parameter."""
+    plain = logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+    plain.sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    assert len(ours_grads) == len([p for p in net.parameters() if p.grad is not None])
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A small synthetic task and the tiny model built from its text, as the default run builds them."""

@@ -7,7 +7,7 @@ import bench
 import common as C
 import family
 import model as M
-from conftest import random_clip, encode_text
+from conftest import assert_matches_transformers, encode_text, ours_with_grads, random_clip
 
 def batch_of(net, tok, rows, clips, row_clip):
     encoded = [encode_text(tok, text, clips[c] if c is not None else None) for text, c in zip(rows, row_clip)]
@@ -68,10 +68,7 @@ def test_vision_once_equals_pixels_repeated_per_row(tiny):
     completion = torch.randint(10, 200, (5, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(5, 6, dtype=torch.long)
     mask[1, 4:] = 0
-    ours = M.completion_logprobs(net, batch, completion, mask)
-    ours.sum().backward()
-    ours_grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    net.zero_grad()
+    ours, ours_grads = ours_with_grads(net, batch, completion, mask)
 
     P = batch.input_ids.shape[1]
     positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(6)).expand(3, 5, 6)], dim=2)
@@ -79,12 +76,7 @@ def test_vision_once_equals_pixels_repeated_per_row(tiny):
                  attention_mask=torch.cat([batch.attention_mask, mask], 1), position_ids=positions,
                  pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
                  video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
-    plain = logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
-    plain.sum().backward()
-    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
-    assert len(ours_grads) == len([p for p in net.parameters() if p.grad is not None])
-    for name, p in net.named_parameters():
-        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_matches_transformers(net, ours, ours_grads, logits, completion)
     assert ours_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # gradients do reach the vision tower
     net.zero_grad()
 

@@ -16,7 +16,7 @@ import family
 import lifecycle
 import model as M
 import synthetic
-from conftest import random_clip, encode_text, run_script
+from conftest import assert_matches_transformers, encode_text, ours_with_grads, random_clip, run_script
 
 
 def test_tiny_qwen3_loads_as_its_family(tiny3, tiny):
@@ -146,22 +146,14 @@ def test_vision_once_with_deepstack_equals_transformers_forward(tiny3):
     net.zero_grad()
     batch, completion = completion_case(net, tok)
     mask = torch.ones_like(completion)
-    ours = M.completion_logprobs(net, batch, completion, mask)
-    ours.sum().backward()
-    ours_grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    net.zero_grad()
+    ours, ours_grads = ours_with_grads(net, batch, completion, mask)
 
     P = batch.input_ids.shape[1]
     ids = torch.cat([batch.input_ids, completion], 1)
     logits = net(input_ids=ids, attention_mask=torch.cat([batch.attention_mask, mask], 1),
                  mm_token_type_ids=torch.cat([batch.mm_types, torch.zeros_like(completion)], 1),
                  **media_inputs(batch)).logits[:, P - 1:-1]
-    plain = logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
-    plain.sum().backward()
-    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
-    assert len(ours_grads) == len([p for p in net.parameters() if p.grad is not None])
-    for name, p in net.named_parameters():
-        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_matches_transformers(net, ours, ours_grads, logits, completion)
     for name in ("model.visual.deepstack_merger_list.0.linear_fc1.weight", "model.visual.pos_embed.weight"):
         assert ours_grads[name].abs().sum() > 0  # gradients reach DeepStack's mergers and the position table
     net.zero_grad()
