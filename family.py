@@ -137,15 +137,18 @@ DEFAULT = FAMILIES["qwen2_5_vl"]
 
 def of(config):
     """The family of a loaded model's config."""
-    if config.model_type not in FAMILIES:
-        raise ValueError(f"model_type {config.model_type!r} is none of {sorted(FAMILIES)}")
-    return FAMILIES[config.model_type]
+    return by_type(config.model_type)
 
 
 def of_folder(path):
     """The family of a checkpoint folder, read from its config.json."""
     with open(os.path.join(path, "config.json")) as f:
         model_type = json.load(f)["model_type"]
+    return by_type(model_type, where=f"{path}: ")
+
+
+def by_type(model_type, where=""):
+    """FAMILIES[model_type], or a ValueError (prefixed by `where`) naming the types there are."""
     if model_type not in FAMILIES:
-        raise ValueError(f"{path}: model_type {model_type!r} is none of {sorted(FAMILIES)}")
+        raise ValueError(f"{where}model_type {model_type!r} is none of {sorted(FAMILIES)}")
     return FAMILIES[model_type]

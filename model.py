@@ -294,7 +294,7 @@ def decode_weights(model):
         weights["input_norm"] = layer.input_layernorm.weight
         weights["post_norm"] = layer.post_attention_layernorm.weight
         # Qwen3's attention normalises q and k per head
-        if hasattr(attn, "q_norm"):
+        if family.of(inner.config).qk_norm:
             weights["q_norm"] = attn.q_norm.weight
             weights["k_norm"] = attn.k_norm.weight
         layers.append(weights)
