@@ -205,6 +205,19 @@ def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
     n = min(max(total / video_fps * fps, low * TEMPORAL_PATCH), high * TEMPORAL_PATCH, total)
     return max(TEMPORAL_PATCH, math.floor(n / TEMPORAL_PATCH) * TEMPORAL_PATCH)
 
+def _sample_indices(total, source_fps, fps, min_frames, max_frames) -> list[int]:
+    """The indices of the frames qwen-vl-utils samples, evenly, of `total` frames shot at
+    source_fps (a video file, or a folder of frames)."""
+    n = _num_frames(total, source_fps, fps, min_frames, max_frames)
+    return torch.linspace(0, total - 1, n).round().long().tolist()
+
+def _sampled_video(frames, indices, total, source_fps) -> tuple[np.ndarray, float, np.ndarray]:
+    """read_video's result: the frames, the real sampling fps, and each frame's time in seconds:
+    its index over the source's fps (Qwen3-VL's processor)."""
+    n = len(indices)
+    times = np.array(indices) / source_fps  # (n,)
+    return frames, n / total * source_fps, times
+
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
                max_pixels=TRAIN_MAX_PIXELS,
                factor=FACTOR) -> tuple[np.ndarray, float, np.ndarray]:
@@ -220,8 +233,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         if not MIN_VIDEO_FPS <= avg_fps <= MAX_VIDEO_FPS:
             raise DataError(f"{path}: broken timing: {avg_fps:.3g} fps, "
                             f"outside [{MIN_VIDEO_FPS}, {MAX_VIDEO_FPS}]")
-        n = _num_frames(total, avg_fps, fps, min_frames, max_frames)
-        indices = torch.linspace(0, total - 1, n).round().long().tolist()
+        indices = _sample_indices(total, avg_fps, fps, min_frames, max_frames)
         frames = vr.get_batch(indices).asnumpy()
     # decord raises these for unreadable or truncated files
     except (RuntimeError, decord.DECORDError) as e:
@@ -230,9 +242,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         reason = lines[0][:200]
         raise DataError(f"{path}: cannot decode video: {reason}") from e
     frames = _resize(frames, path, min_pixels, max_pixels, video=True, factor=factor)
-    # the time of a frame is its index in the video over the video's fps (Qwen3-VL's processor)
-    times = np.array(indices) / avg_fps  # (n,)
-    return frames, n / total * avg_fps, times
+    return _sampled_video(frames, indices, total, avg_fps)
 
 def _decode_image(path) -> np.ndarray:
     """The image file's pixels, (H, W, 3) uint8 RGB."""
@@ -278,15 +288,13 @@ def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
                         f"a video needs at least {TEMPORAL_PATCH} frames")
 
     # the frames read_video would take of a video file of these frames; only those are decoded
-    n = _num_frames(total, folder_fps, fps, min_frames, max_frames)
-    indices = torch.linspace(0, total - 1, n).round().long().tolist()
+    indices = _sample_indices(total, folder_fps, fps, min_frames, max_frames)
     decoded = [_decode_image(os.path.join(path, names[i])) for i in indices]
     sizes = {frame.shape for frame in decoded}
     if len(sizes) > 1:
         raise DataError(f"{path}: frames of different sizes {sorted(sizes)}")
     frames = _resize(np.stack(decoded), path, min_pixels, max_pixels, video=True, factor=factor)
-    times = np.array(indices) / folder_fps  # (n,) as read_video's
-    return frames, n / total * folder_fps, times
+    return _sampled_video(frames, indices, total, folder_fps)
 
 def _frame_folder(path) -> str | None:
     """The folder of frames a "frame" record's path names, or None: the path itself, or the path
