@@ -58,6 +58,12 @@ FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CONTRAST_TIMESTAMPS = ("ordered", "shuffled")
 # config keys of read_media
 FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
+# Qwen3-VL's qwen-vl-utils under a clip budget (total_pixels, a config value read apart from
+# FRAME_LIMITS: 0 or absent means none): a frame's cap is at most 768 tokens, and at least 1.05 x
+# min_pixels, so that a long clip's share never falls below a frame's floor (DETAILS.md, "Frame
+# sampling and resizing")
+VIDEO_MAX_TOKENS = 768
+BUDGET_FLOOR = 1.05
 
 REQUIRED_FIELDS = ("problem", "solution", "path", "data_type", "problem_type")
 # an option's letter: "(A) ...", or "A" then ".", ")", ":", a space or the end
@@ -196,6 +202,18 @@ def _resize(frames, path, min_pixels, max_pixels, video, factor=FACTOR) -> np.nd
                                         antialias=True)
     return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
+def frame_max_pixels(nframes, min_pixels, max_pixels, total_pixels, factor) -> float:
+    """The pixel cap of each of a clip's nframes frames: max_pixels, or under a clip budget
+    (total_pixels > 0) Qwen3-VL's qwen-vl-utils rule (DETAILS.md, "Frame sampling and resizing")."""
+    if total_pixels == 0:
+        return max_pixels
+    # the budget split over the clip's temporal patches, two frames each sharing one token grid
+    share = total_pixels / nframes * TEMPORAL_PATCH
+    budgeted = min(VIDEO_MAX_TOKENS * factor * factor, share)
+    lowest = int(min_pixels * BUDGET_FLOOR)
+    # max_pixels can lower the budgeted cap, never raise it
+    return min(max_pixels, max(budgeted, lowest))
+
 def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
     """qwen-vl-utils' smart_nframes: an even frame count (DETAILS.md, "Frame sampling and
     resizing")."""
@@ -219,10 +237,11 @@ def _sampled_video(frames, indices, total, source_fps) -> tuple[np.ndarray, floa
     return frames, n / total * source_fps, times
 
 def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS,
-               max_pixels=TRAIN_MAX_PIXELS,
-               factor=FACTOR) -> tuple[np.ndarray, float, np.ndarray]:
+               max_pixels=TRAIN_MAX_PIXELS, factor=FACTOR,
+               total_pixels=0) -> tuple[np.ndarray, float, np.ndarray]:
     """Uniformly sampled, resized frames (n, H, W, 3) uint8, the real sampling fps and each frame's
-    time in seconds (n,), as qwen-vl-utils samples."""
+    time in seconds (n,), as qwen-vl-utils samples; total_pixels > 0 is the clip's pixel budget
+    (frame_max_pixels)."""
     try:
         vr = decord.VideoReader(path)
         total = len(vr)
@@ -241,7 +260,8 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = lines[0][:200]
         raise DataError(f"{path}: cannot decode video: {reason}") from e
-    frames = _resize(frames, path, min_pixels, max_pixels, video=True, factor=factor)
+    cap = frame_max_pixels(len(indices), min_pixels, max_pixels, total_pixels, factor)
+    frames = _resize(frames, path, min_pixels, cap, video=True, factor=factor)
     return _sampled_video(frames, indices, total, avg_fps)
 
 def _decode_image(path) -> np.ndarray:
@@ -267,8 +287,8 @@ def read_image(path, min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS,
     return np.repeat(frame, TEMPORAL_PATCH, axis=0)
 
 def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
-                      min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS,
-                      factor=FACTOR) -> tuple[np.ndarray, float, np.ndarray]:
+                      min_pixels=MIN_PIXELS, max_pixels=TRAIN_MAX_PIXELS, factor=FACTOR,
+                      total_pixels=0) -> tuple[np.ndarray, float, np.ndarray]:
     """A folder of frames (image files sorted by name: 00001.jpg, 00002.jpg, ...) read as a video
     shot at folder_fps (the record's `fps`), sampled and resized as read_video samples a file."""
     # bool is an int to Python, and a frame rate of True means a wrong field
@@ -293,7 +313,8 @@ def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
     sizes = {frame.shape for frame in decoded}
     if len(sizes) > 1:
         raise DataError(f"{path}: frames of different sizes {sorted(sizes)}")
-    frames = _resize(np.stack(decoded), path, min_pixels, max_pixels, video=True, factor=factor)
+    cap = frame_max_pixels(len(indices), min_pixels, max_pixels, total_pixels, factor)
+    frames = _resize(np.stack(decoded), path, min_pixels, cap, video=True, factor=factor)
     return _sampled_video(frames, indices, total, folder_fps)
 
 def _frame_folder(path) -> str | None:
@@ -305,11 +326,12 @@ def _frame_folder(path) -> str | None:
             return candidate
     return None
 
-def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels,
-               factor=FACTOR) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels, factor=FACTOR,
+               total_pixels=0) -> tuple[np.ndarray, float | None, np.ndarray | None]:
     """Frames of a record's video (with the sampling fps and the frames' times) or image (fps and
-    times None), in multiples of `factor` pixels. A "frame" record is a video: the file its path
-    names, or else a folder of its frames (read_frame_folder)."""
+    times None), in multiples of `factor` pixels; total_pixels > 0 budgets a video's pixels (not
+    an image's). A "frame" record is a video: the file its path names, or else a folder of its
+    frames (read_frame_folder)."""
     path = record["path"]
     kind = record["data_type"]
     if kind == "frame" and not os.path.isfile(path):
@@ -317,12 +339,13 @@ def read_media(record, fps, min_frames, max_frames, min_pixels, max_pixels,
         if folder is None:
             raise DataError(f"{path}: neither a video file nor a folder of frames")
         return read_frame_folder(folder, record.get("fps"), fps, min_frames, max_frames,
-                                 min_pixels, max_pixels, factor)
+                                 min_pixels, max_pixels, factor, total_pixels)
     if not os.path.isfile(path):
         raise DataError(f"{path}: {kind} file not found")
     if kind == "image":
         return read_image(path, min_pixels, max_pixels, factor), None, None
-    return read_video(path, fps, min_frames, max_frames, min_pixels, max_pixels, factor)
+    return read_video(path, fps, min_frames, max_frames, min_pixels, max_pixels, factor,
+                      total_pixels)
 
 def contrast_frames(frames, rng: np.random.Generator) -> np.ndarray:
     """The frames in a random order other than their own: T-GRPO's contrast clip and eval's
@@ -471,15 +494,19 @@ def load_examples(records, tokenizer, config, contrast_rng=None, fam=family.DEFA
 
 def load_example(record, tokenizer, config, contrast_rng=None, fam=family.DEFAULT):
     """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip
-    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS and max_prompt_tokens (and,
-    given a contrast_rng, contrast_timestamps). A DataError names the JSON file and record.
+    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS, total_pixels (optional)
+    and max_prompt_tokens (and, given a contrast_rng, contrast_timestamps). A DataError names the
+    JSON file and record.
 
     The contrast clip shuffles the frames; a Qwen3-VL prompt's timestamps stay in time order
     (contrast_timestamps "ordered", so the prompt is the ordered one's) or are shuffled with them
     ("shuffled"): DETAILS.md, "The contrast with timestamps in the text"."""
     try:
         limits = {key: config[key] for key in FRAME_LIMITS}
-        frames, fps, times = read_media(record, **limits, factor=fam.patch * MERGE)
+        # the scripts always set it; a caller's config without it has no clip budget
+        budget = config.get("total_pixels", 0)
+        frames, fps, times = read_media(record, **limits, factor=fam.patch * MERGE,
+                                        total_pixels=budget)
         clip = make_clip(frames, fps, times, fam)
         max_tokens = config["max_prompt_tokens"]
         prompt = encode_prompt(tokenizer, record, clip, max_tokens, fam)

@@ -45,6 +45,7 @@ max_frames = 16                      # the paper reports 16, 32 and 64
 min_pixels = 4 * 28 * 28
 # the paper's inference: 256*28*28 pixels per frame (training: 128*28*28)
 max_pixels = 256 * 28 * 28
+total_pixels = 0                     # the clip's pixel budget (Qwen3-VL's qwen-vl-utils); 0: none
 # 0: greedy; the paper's 0.01 / top-p 0.001 is greedy in effect; official eval 0.1
 temperature = 0.0
 top_p = 1.0

@@ -1,6 +1,7 @@
 """Qwen3-VL through the same code as Qwen2.5-VL: the family read from the checkpoint, its positions, prompt and
 forward equal to transformers' on the tiny Qwen3-VL."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -275,7 +276,8 @@ def test_qwen3_configs_apply_to_their_scripts():
     here = os.path.dirname(os.path.abspath(__file__))
     for script, names in stacks:
         config = common.configure(dict(script.config), [os.path.join(here, "configs", name) for name in names])
-        assert config["max_pixels"] == 128 * 32 * 32
+        assert config["min_pixels"] == 128 * 32 * 32 and config["max_pixels"] == 256 * 32 * 32
+        assert config["total_pixels"] == 1024 * 32 * 32 and config["max_frames"] == 16
 
 
 def test_lora_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
@@ -284,3 +286,191 @@ def test_lora_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
     # (the gradient may be 0: 2 steps of an untrained model can give every rollout of a group the same reward)
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in metrics)
     assert os.path.isfile(tmp_path / "step_000002" / "adapter" / "adapter_config.json")
+
+# ----------------------------------------------------------------------------- frames: Qwen3-VL's qwen-vl-utils
+# An independent transcription of the reference, QwenLM/Qwen3-VL's qwen-vl-utils/src/qwen_vl_utils/vision_process.py
+# (qwen-vl-utils 0.0.14: smart_nframes, smart_resize, fetch_video's video bounds), written from its text, not from
+# data.py, in the reference's own terms: an option not given takes the reference's default.
+REF_FRAME_FACTOR = 2           # frames per temporal patch: frame counts are even
+REF_VIDEO_MIN_TOKENS = 128     # a video frame's default floor, in tokens
+REF_VIDEO_MAX_TOKENS = 768     # a video frame's ceiling under the clip budget, in tokens
+REF_SEQ_LEN = 128_000          # MODEL_SEQ_LEN: the default clip budget is 0.9 of it, in tokens
+REF_MAX_RATIO = 200
+
+
+def ref_nframes(total, video_fps, fps, min_frames, max_frames):
+    """smart_nframes given fps, min_frames and max_frames: the frames at fps, clamped into the even limits and the
+    video's length, then floored to even; outside [2, total] it is an error."""
+    lowest = math.ceil(min_frames / REF_FRAME_FACTOR) * REF_FRAME_FACTOR
+    highest = math.floor(max_frames / REF_FRAME_FACTOR) * REF_FRAME_FACTOR
+    wanted = total / video_fps * fps
+    clamped = min(min(max(wanted, lowest), highest), total)
+    nframes = math.floor(clamped / REF_FRAME_FACTOR) * REF_FRAME_FACTOR
+    if not REF_FRAME_FACTOR <= nframes <= total:
+        raise ValueError(f"nframes {nframes} outside [2, {total}]")
+    return nframes
+
+
+def ref_smart_resize(height, width, factor, min_pixels, max_pixels):
+    """The reference's smart_resize: multiples of factor (at least one), scaled into the bounds. Unlike
+    transformers' (data.smart_resize), its scaled-down side has no lower bound."""
+    if max(height, width) / min(height, width) > REF_MAX_RATIO:
+        raise ValueError("aspect ratio")
+    new_height = max(factor, round(height / factor) * factor)
+    new_width = max(factor, round(width / factor) * factor)
+    if new_height * new_width > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        new_height = math.floor(height / scale / factor) * factor
+        new_width = math.floor(width / scale / factor) * factor
+    elif new_height * new_width < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        new_height = math.ceil(height * scale / factor) * factor
+        new_width = math.ceil(width * scale / factor) * factor
+    return new_height, new_width
+
+
+def ref_video_size(height, width, nframes, factor, min_pixels=None, max_pixels=None, total_pixels=None,
+                   ceiling_tokens=REF_VIDEO_MAX_TOKENS, headroom=1.05):
+    """fetch_video's frame size: the clip budget over its temporal patches, between the frame floor x 1.05 and the
+    768-token ceiling; a given max_pixels may only lower that cap. (ceiling_tokens and headroom exist to show the
+    grid below needs each term.)"""
+    if min_pixels is None:
+        min_pixels = REF_VIDEO_MIN_TOKENS * factor * factor
+    if total_pixels is None:
+        total_pixels = REF_SEQ_LEN * factor * factor * 0.9
+    ceiling = ceiling_tokens * factor * factor
+    cap = max(min(ceiling, total_pixels / nframes * REF_FRAME_FACTOR), int(min_pixels * headroom))
+    if max_pixels is not None:
+        cap = min(max_pixels, cap)
+    return ref_smart_resize(height, width, factor, min_pixels, cap)
+
+
+T32 = 32 * 32
+T28 = 28 * 28
+# configs/*qwen3*: min_pixels, max_pixels, total_pixels
+QWEN3_BOUNDS = (128 * T32, 256 * T32, 1024 * T32)
+# (total frames, source fps, sampling fps, min_frames, max_frames, (H, W), factor, min_pixels, max_pixels,
+# total_pixels): None in a pixel bound is "not given" to the reference; data.py is then given the value that means
+# the same (max_pixels 768 tokens; total_pixels 0, none, which the reference's 115,200-token default equals here)
+FRAME_CASES = {
+    "10 s at 30 fps, Qwen3 config: the floor x 1.05": (300, 30, 2.0, 4, 16, (360, 640), 32, *QWEN3_BOUNDS),
+    "3.9 s at 30 fps: 6 frames, max_pixels binds": (117, 30, 2.0, 4, 16, (720, 1280), 32, *QWEN3_BOUNDS),
+    "1.5 s: raised to min_frames": (45, 30, 2.0, 4, 16, (1080, 1920), 32, *QWEN3_BOUNDS),
+    "2-frame video": (2, 30, 2.0, 4, 16, (240, 320), 32, *QWEN3_BOUNDS),
+    "7 frames at 2 fps: odd, floored to 6": (7, 2, 2.0, 4, 16, (360, 640), 32, *QWEN3_BOUNDS),
+    "5 frames, min_frames 8": (5, 2, 2.0, 8, 16, (360, 640), 32, *QWEN3_BOUNDS),
+    "10 min at 60 fps, 4K": (36000, 60, 2.0, 4, 16, (2160, 3840), 32, *QWEN3_BOUNDS),
+    "4 s of 4K: 8 frames, budget = max_pixels": (240, 60, 2.0, 4, 16, (2160, 3840), 32, *QWEN3_BOUNDS),
+    "4K, reference defaults: 768-token ceiling": (240, 60, 2.0, 4, 16, (2160, 3840), 32, None, None, None),
+    "reference defaults, 64 frames of 1080p": (9000, 30, 2.0, 4, 64, (1080, 1920), 32, None, None, None),
+    "low source fps 0.5: 80 s": (40, 0.5, 2.0, 4, 16, (360, 640), 32, *QWEN3_BOUNDS),
+    "1 fps, 3 frames: fewer than wanted": (3, 1, 2.0, 4, 16, (360, 640), 32, *QWEN3_BOUNDS),
+    "240 fps, 2 s": (480, 240, 2.0, 4, 16, (720, 1280), 32, *QWEN3_BOUNDS),
+    "tiny 8 x 12 frames, upscaled": (100, 25, 2.0, 4, 16, (8, 12), 32, *QWEN3_BOUNDS),
+    "tiny 20 x 30, small budget": (100, 25, 2.0, 4, 16, (20, 30), 32, 4 * T32, 256 * T32, 64 * T32),
+    "small budget: the 1.05 floor binds": (1000, 25, 2.0, 4, 32, (480, 640), 32, 64 * T32, 768 * T32, 256 * T32),
+    "max_pixels above the ceiling, 4K": (240, 60, 2.0, 4, 16, (2160, 3840), 32, 128 * T32, 16384 * T32,
+                                         20480 * T32),
+    "budget between floor and max": (1000, 25, 2.0, 4, 16, (1080, 1920), 32, 64 * T32, 768 * T32, 2048 * T32),
+    "max_pixels below the floor x 1.05": (300, 30, 2.0, 4, 16, (480, 640), 32, 128 * T32, 128 * T32, 1024 * T32),
+    "odd min_frames 5 and max_frames 15": (60, 30, 2.0, 5, 15, (360, 640), 32, *QWEN3_BOUNDS),
+    "odd max_frames 15 binds": (900, 30, 2.0, 5, 15, (360, 640), 32, *QWEN3_BOUNDS),
+    "min_frames = max_frames = 8": (90, 30, 2.0, 8, 8, (480, 640), 32, *QWEN3_BOUNDS),
+    "max_frames 2": (300, 30, 2.0, 2, 2, (480, 640), 32, *QWEN3_BOUNDS),
+    "sampling at 1 fps": (300, 30, 1.0, 4, 16, (360, 640), 32, *QWEN3_BOUNDS),
+    "sampling at 4 fps": (90, 30, 4.0, 4, 32, (360, 640), 32, *QWEN3_BOUNDS),
+    "portrait 1920 x 1080": (150, 30, 2.0, 4, 16, (1920, 1080), 32, *QWEN3_BOUNDS),
+    "eval: 64 frames, 128-256 tokens, budget off": (9000, 30, 2.0, 4, 64, (1080, 1920), 32, 128 * T32, 256 * T32,
+                                                   None),
+    "Qwen2.5-VL paper config, budget off": (300, 30, 2.0, 4, 16, (1080, 1920), 28, 128 * T28, 105369, None),
+    "Qwen2.5-VL 28-px tokens, budget on": (117, 30, 2.0, 4, 16, (720, 1280), 28, 128 * T28, 256 * T28, 1024 * T28),
+}
+
+
+@pytest.mark.parametrize("case", FRAME_CASES)
+def test_frame_count_indices_and_size_follow_qwen3_qwen_vl_utils(case):
+    total, video_fps, fps, min_frames, max_frames, (height, width), factor, low, high, budget = FRAME_CASES[case]
+    expected_n = ref_nframes(total, video_fps, fps, min_frames, max_frames)
+    expected_indices = torch.linspace(0, total - 1, expected_n).round().long().tolist()
+    expected_size = ref_video_size(height, width, expected_n, factor, low, high, budget)
+
+    # data.py's path (read_video's): the same values, "not given" as the value meaning it
+    min_pixels = low
+    if min_pixels is None:
+        min_pixels = 128 * factor * factor
+    max_pixels = high
+    if max_pixels is None:
+        max_pixels = 768 * factor * factor
+    total_pixels = budget
+    if total_pixels is None:
+        total_pixels = 0
+    nframes = data._num_frames(total, video_fps, fps, min_frames, max_frames)
+    indices = data._sample_indices(total, video_fps, fps, min_frames, max_frames)
+    cap = data.frame_max_pixels(nframes, min_pixels, max_pixels, total_pixels, factor)
+    size = data.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=cap)
+    assert (nframes, indices, size) == (expected_n, expected_indices, expected_size)
+
+
+def test_every_term_of_the_frame_cap_decides_some_case():
+    """The grid is not vacuous: without any one term of the reference's cap (the clip budget, the 768-token
+    ceiling, the 1.05 headroom over the floor, a given max_pixels lowering it) some case's frame size changes."""
+    needed = set()
+    for case in FRAME_CASES.values():
+        total, video_fps, fps, min_frames, max_frames, (height, width), factor, low, high, budget = case
+        nframes = ref_nframes(total, video_fps, fps, min_frames, max_frames)
+        frame = (height, width, nframes, factor)
+        size = ref_video_size(*frame, low, high, budget)
+        without = {"budget": ref_video_size(*frame, low, high, math.inf),
+                   "ceiling": ref_video_size(*frame, low, high, budget, ceiling_tokens=math.inf),
+                   "headroom": ref_video_size(*frame, low, high, budget, headroom=1.0),
+                   "max_pixels": ref_video_size(*frame, low, None, budget)}
+        needed |= {term for term, other in without.items() if other != size}
+    assert needed == {"budget", "ceiling", "headroom", "max_pixels"}
+
+
+QWEN3_CLIP = dict(zip(("min_pixels", "max_pixels", "total_pixels"), QWEN3_BOUNDS), fps=2.0, min_frames=4)
+
+
+@pytest.mark.parametrize("clip,max_frames", [("shared", 16), ("shared", 8), ("generated", 16)])
+def test_read_video_follows_qwen3_qwen_vl_utils(tmp_path, clip, max_frames):
+    """A real clip through data.read_video at Qwen3-VL's 32-px tokens under the clip budget (configs/*qwen3*): the
+    reference's frame count, indices and size, frames resized as torchvision's antialiased bicubic, and each frame's
+    time its index over the source fps (the metadata the reference hands the processor)."""
+    import decord
+    if clip == "shared":
+        from test_data import SHARED_VIDEO
+        if not SHARED_VIDEO.exists():
+            pytest.skip(f"{SHARED_VIDEO} is not present")
+        path = str(SHARED_VIDEO)
+    else:
+        rng = np.random.default_rng(0)
+        path = str(tmp_path / "v.mp4")
+        # 5.8 s at 5 fps: 11.6 frames wanted, floored to 10; 200 x 300 is upscaled to the 128-token floor
+        synthetic.write_mp4(path, [rng.integers(0, 255, (200, 300, 3), dtype=np.uint8) for _ in range(29)], 5)
+    frames, fps, times = data.read_video(path, max_frames=max_frames, factor=32, **QWEN3_CLIP)
+
+    reader = decord.VideoReader(path)
+    total, video_fps = len(reader), reader.get_avg_fps()
+    nframes = ref_nframes(total, video_fps, 2.0, 4, max_frames)
+    indices = torch.linspace(0, total - 1, nframes).round().long().tolist()
+    height, width = ref_video_size(*reader[0].shape[:2], nframes, 32, *QWEN3_BOUNDS)
+    raw = torch.from_numpy(reader.get_batch(indices).asnumpy()).permute(0, 3, 1, 2).float()
+    resized = torch.nn.functional.interpolate(raw, size=(height, width), mode="bicubic", antialias=True)
+    expected = resized.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert frames.shape == (nframes, height, width, 3) and np.array_equal(frames, expected)
+    assert fps == pytest.approx(nframes / total * video_fps)
+    assert np.allclose(times, np.array(indices) / video_fps)
+
+
+def test_the_clip_budget_reaches_the_frames_through_load_example(tmp_path, tokenizer):
+    """load_example hands the config's total_pixels to the reader (Qwen3-VL's 32-px tokens): 16 frames of 640 x 360
+    under the paper's clip budget get the 1.05 x 128-token cap, as Video-R1's frames; without a budget, max_pixels."""
+    path = str(tmp_path / "v.mp4")
+    synthetic.write_mp4(path, [np.full((360, 640, 3), 8 * i, np.uint8) for i in range(32)], 4)
+    record = {"problem": "Which way?", "problem_type": "free-form", "data_type": "video", "path": path,
+              "json": "rl.json", "index": 0}
+    config = dict(QWEN3_CLIP, max_frames=16, max_prompt_tokens=10_000)
+    _, clip, *_ = data.load_example(record, tokenizer, config, fam=QWEN3)
+    assert clip.grid_thw == (8, 256 // 16, 480 // 16)  # 120 tokens a patch
+    _, clip, *_ = data.load_example(record, tokenizer, config | {"total_pixels": 0}, fam=QWEN3)
+    assert clip.grid_thw == (8, 352 // 16, 640 // 16)  # 220 tokens a patch

@@ -90,6 +90,7 @@ min_frames = 4
 max_frames = 16
 min_pixels = 4 * 28 * 28
 max_pixels = 128 * 28 * 28
+total_pixels = 0            # the clip's pixel budget (Qwen3-VL's qwen-vl-utils rule); 0: none
 skip_bad = False            # True: a bad record, clip or prompt is skipped and counted
 log_interval = 1
 sample_interval = 10        # print and save a few episodes every N steps

@@ -2,6 +2,7 @@
 # torchrun --nproc_per_node 8 sft.py configs/sft_paper.py configs/sft_qwen3_8b.py
 model_path = "checkpoints/Qwen3-VL-8B-Instruct"   # the family is read from its config.json
 out_dir = "out/sft_qwen3_8b"
-# the paper's token budget in Qwen3-VL's 32-px tokens: 128 tokens per temporal patch of 2 frames
-min_pixels = 128 * 32 * 32
-max_pixels = 128 * 32 * 32
+# Qwen3-VL's qwen-vl-utils rule in 32-px tokens (DETAILS.md, "Frame sampling and resizing"):
+min_pixels = 128 * 32 * 32         # the reference's floor, 128 tokens, as the paper's frames
+max_pixels = 256 * 32 * 32         # the paper's image cap (and eval frame), here a short clip's too
+total_pixels = 1024 * 32 * 32      # the paper's clip: 16 frames, 128 tokens per temporal patch

@@ -4,8 +4,9 @@
 #     --deepspeed=configs/ds_zero3_offload.json                                            # one GPU, offload
 init_from = "out/sft_qwen3_8b"     # the family is read from the checkpoint's config.json
 out_dir = "out/tgrpo_qwen3_8b"
-# the paper's token budget in Qwen3-VL's 32-px tokens: 16 frames, 128 tokens per temporal patch
-min_pixels = 128 * 32 * 32
-max_pixels = 128 * 32 * 32
+# Qwen3-VL's qwen-vl-utils rule in 32-px tokens (DETAILS.md, "Frame sampling and resizing"):
+min_pixels = 128 * 32 * 32         # the reference's floor, 128 tokens, as the paper's frames
+max_pixels = 256 * 32 * 32         # the paper's image cap (and eval frame), here a short clip's too
+total_pixels = 1024 * 32 * 32      # the paper's clip: 16 frames, 128 tokens per temporal patch
 # the contrast clip: frames shuffled under timestamps in time order (DETAILS.md)
 contrast_timestamps = "ordered"
