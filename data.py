@@ -57,11 +57,10 @@ FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # under them, or shuffled with the frames (DETAILS.md, "The contrast with timestamps in the text")
 CONTRAST_TIMESTAMPS = ("ordered", "shuffled")
 # config keys of read_media
-FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
-# Qwen3-VL's qwen-vl-utils under a clip budget (total_pixels, a config value read apart from
-# FRAME_LIMITS: 0 or absent means none): a frame's cap is at most 768 tokens, and at least 1.05 x
-# min_pixels, so that a long clip's share never falls below a frame's floor (DETAILS.md, "Frame
-# sampling and resizing")
+FRAME_LIMITS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")
+# Qwen3-VL's qwen-vl-utils under a clip budget (total_pixels; 0: none): a frame's cap is at most
+# 768 tokens, and at least 1.05 x min_pixels, so that a long clip's share never falls below a
+# frame's floor (DETAILS.md, "Frame sampling and resizing")
 VIDEO_MAX_TOKENS = 768
 BUDGET_FLOOR = 1.05
 
@@ -494,19 +493,15 @@ def load_examples(records, tokenizer, config, contrast_rng=None, fam=family.DEFA
 
 def load_example(record, tokenizer, config, contrast_rng=None, fam=family.DEFAULT):
     """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip
-    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS, total_pixels (optional)
-    and max_prompt_tokens (and, given a contrast_rng, contrast_timestamps). A DataError names the
-    JSON file and record.
+    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS and max_prompt_tokens (and,
+    given a contrast_rng, contrast_timestamps). A DataError names the JSON file and record.
 
     The contrast clip shuffles the frames; a Qwen3-VL prompt's timestamps stay in time order
     (contrast_timestamps "ordered", so the prompt is the ordered one's) or are shuffled with them
     ("shuffled"): DETAILS.md, "The contrast with timestamps in the text"."""
     try:
         limits = {key: config[key] for key in FRAME_LIMITS}
-        # the scripts always set it; a caller's config without it has no clip budget
-        budget = config.get("total_pixels", 0)
-        frames, fps, times = read_media(record, **limits, factor=fam.patch * MERGE,
-                                        total_pixels=budget)
+        frames, fps, times = read_media(record, **limits, factor=fam.patch * MERGE)
         clip = make_clip(frames, fps, times, fam)
         max_tokens = config["max_prompt_tokens"]
         prompt = encode_prompt(tokenizer, record, clip, max_tokens, fam)

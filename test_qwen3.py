@@ -237,7 +237,7 @@ def test_contrast_keeps_timestamps_in_order_unless_told(toy, tiny3):
     records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
     record = next(r for r in records if r["data_type"] == "video")
     config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
-                  max_prompt_tokens=10_000)
+                  total_pixels=0, max_prompt_tokens=10_000)
     ordered = data.load_example(record, tok, config | {"contrast_timestamps": "ordered"},
                                 np.random.default_rng(0), QWEN3)
     shuffled = data.load_example(record, tok, config | {"contrast_timestamps": "shuffled"},
