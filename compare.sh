@@ -6,20 +6,22 @@
 # SFT one included, is evaluated with the shuffled-frame diagnostic on DATA's eval set; plot.py draws the curves and
 # the table (README, "Does T-GRPO teach temporal reasoning?").
 #   python synthetic.py out/synthetic_big --n_rl=2000 --n_eval=2000                    # once: 2,000 RL, 2,000 eval
-#   python sft.py --data_dir=out/synthetic_big --max_steps=500 --out_dir=out/sft500    # once: a short SFT
+#   python sft.py --data_dir=out/synthetic_big --max_steps=1000 --out_dir=out/sft1000  # once: a short SFT
 #   bash compare.sh [out/compare] ["0 1 2"]
-# Environment: STEPS=150 LR=5e-5 TOKENS=96 SFT=out/sft500 DATA=out/synthetic_big JOBS=2 METHODS="grpo ..." (a subset).
+# Environment: STEPS=200 LR=5e-5 TEMP=0.7 TOKENS=96 SFT=out/sft1000 DATA=out/synthetic_big JOBS=2
+# METHODS="grpo ..." (a subset). TEMP: rollout temperature (README: what was tried, and why these).
 # TOKENS: rollout length; at tgrpo.py's 64 every describe and change_time answer (65-73 tokens) is cut before its
 # </answer> and scores 0. The quick start's out/synthetic (400 eval records) keeps its README figures; the comparison
 # needs the larger eval (2,000 records, 1,400 temporal videos: a binomial error of 1.3 points or less, not 3).
 set -euo pipefail
 root=${1:-out/compare}
 seeds=${2:-"0 1 2"}
-steps=${STEPS:-150}
+steps=${STEPS:-200}
 jobs=${JOBS:-2}
 lr=${LR:-5e-5}
+temperature=${TEMP:-0.7}
 tokens=${TOKENS:-96}
-sft=${SFT:-out/sft500}
+sft=${SFT:-out/sft1000}
 data=${DATA:-out/synthetic_big}
 declare -A methods=(
   [grpo]="--temporal=False"
@@ -41,8 +43,8 @@ run_one() {  # seed method: train from the SFT checkpoint, then evaluate
   rm -rf "$run"  # a rerun of the comparison trains afresh (tgrpo.py refuses a used out_dir without --resume)
   # shellcheck disable=SC2086  # the method's flags are separate words
   python tgrpo.py --init_from="$sft" --train_json="$data/rl.json" --seed="$1" ${methods[$2]} \
-    --max_steps="$steps" --lr="$lr" --max_new_tokens="$tokens" --ckpt_interval="$steps" --out_dir="$run" \
-    > "$run.log" 2>&1
+    --max_steps="$steps" --lr="$lr" --temperature="$temperature" --max_new_tokens="$tokens" \
+    --ckpt_interval="$steps" --out_dir="$run" > "$run.log" 2>&1
   evaluate "$run" "$run/eval"
 }
 pids=()
