@@ -2,6 +2,7 @@
 bit-exact resume, 2-process DeepSpeed runs, and LoRA (adapters only trained, the reference, checkpoints, resume)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import numpy as np
@@ -290,6 +291,24 @@ def test_resume_is_bit_exact(toy, tmp_path):
     assert lines[1].startswith(differ.format("--num_contrast=0") + "num_contrast 2 in the checkpoint, 0 now. ")
     assert lines[2] == "tgrpo.py --lr=0.002 -> SystemExit a model was loaded"
     assert f"resuming {ckpt} with changed settings: max_steps 4 -> 6, lr 0.001 -> 0.002" in notes
+
+
+def test_a_resume_refuses_a_start_whose_latest_has_moved(toy, tmp_path):
+    """init_from names an SFT run folder; run.json keeps the checkpoint its `latest` named at the start, so a resume
+    after the SFT run went on (latest moved) is refused, and resuming with that checkpoint's path is taken."""
+    sft = tmp_path / "sft"
+    for step in ("step_000001", "step_000002"):
+        shutil.copytree(toy[1], sft / step)
+    (sft / "latest").write_text("step_000001")
+    run_tgrpo(toy, tmp_path / "b", f"--init_from={sft}", "--max_steps=1", "--ckpt_interval=1")
+    (sft / "latest").write_text("step_000002")
+    ckpt = tmp_path / "b" / "step_000001"
+    resume = ["tgrpo.py", *tgrpo_args(toy, tmp_path / "b"), "--resume=True", "--max_steps=2"]
+    lines, _ = run_until_a_model_loads([[*resume, f"--init_from={sft}"], [*resume, f"--init_from={sft / 'step_000001'}"]])
+    assert lines[0].startswith(f"tgrpo.py --init_from={sft} -> ValueError cannot resume {ckpt} with other values of the "
+                               f"keys that define the run: init_from '{sft / 'step_000001'}' in the checkpoint, "
+                               f"'{sft / 'step_000002'}' now. "), lines[0]
+    assert lines[1] == f"tgrpo.py --init_from={sft / 'step_000001'} -> SystemExit a model was loaded"
 
 
 def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):

@@ -455,6 +455,9 @@ if __name__ == "__main__":
     rl_json = train_json or os.path.join(data_dir, "rl.json")
     train, bad = data.load_records(rl_json, media_root or None, skip_bad)
     init = common.latest_checkpoint(init_from) or init_from
+    # run.json keeps the checkpoint `latest` named at the start: a resume starts from (and keeps
+    # the KL reference of) that one, not the one `latest` names by then (an SFT run went on)
+    config["init_from"] = init
     # consumed: records all ranks have read before `start` (the stream position, on any rank count)
     started = lifecycle.start_training(config, init, device, RUN_KEYS)
     policy, tokenizer, opt, start, consumed = started
