@@ -9,8 +9,8 @@ def test_gpu_check_runs_on_cpu_at_small_shapes():
     code, output = run_script("bench.py", "configs/bench_gpu.py", "--random_7b=small", "--frames=4", "--height=56",
                               "--width=112", "--new_tokens=3", "--repeats=1")
     assert code == 0, output[-4000:]
-    # prefill and set-up are differences of timed calls: on a loaded CPU, at 3 new tokens, one can come out negative
-    assert re.search(r"ratio [\d.]+x \(goal >= 1.0x\); ours: prefill -?[\d.]+ s, decode [\d.]+ ms/token", output)
+    # prefill and decode are differences of timed calls: on a loaded CPU, at 3 new tokens, either can come out negative
+    assert re.search(r"ratio [\d.]+x \(goal >= 1.0x\); ours: prefill -?[\d.]+ s, decode -?[\d.]+ ms/token", output)
     assert re.search(r"sdpa, log-prob \+ backward of 8 rows: ours [\d.]+ s \(MFU", output)
     assert re.search(r"decode   LoRA rank 64 [\d.]+ ms/token \(merging [\d.]+ s a call\); HBM bound [\d.]+", output)
     assert float(re.search(r"max \|diff\| of log-probs (\S+)", output).group(1)) < 1e-4

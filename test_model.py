@@ -162,7 +162,10 @@ def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab):
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)  # float rounding: sums split differently
     assert whole_grads.keys() == sliced_grads.keys() and "lm_head.weight" in whole_grads
     for name, grad in whole_grads.items():
-        torch.testing.assert_close(sliced_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+        # sums over 152,064 ids split differently: up to ~1e-5 of the tensor's largest gradient on some CPUs (AMD EPYC
+        # here); a slicing error would be of the gradient's own size
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(sliced_grads[name], grad, rtol=1e-4, atol=3e-5 * scale, msg=name)
     widest = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: widest.append(t.shape[-1]) or t, lambda t: t):
         M.completion_logprobs(net, batch, completion, mask)
