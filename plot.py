@@ -63,6 +63,13 @@ def plot(root):
     fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for method, label in methods(root).items():
         paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
+        # a run still in its first SMOOTH steps has no point yet: drawn once it has
+        short = [p for p in paths if sum(1 for _ in open(p)) < SMOOTH]
+        for p in short:
+            print(f"not drawn yet: {p} (fewer than {SMOOTH} steps)")
+        paths = [p for p in paths if p not in short]
+        if not paths:
+            continue
         for ax, (key, title) in zip(axes.flat, CURVES):
             runs = [curve(p, key) for p in paths]
             # cut to the shortest run
