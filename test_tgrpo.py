@@ -287,7 +287,8 @@ def test_resume_is_bit_exact(toy, tmp_path):
                                             [*resume, "--lr=0.002"]])
     differ = f"tgrpo.py {{}} -> ValueError cannot resume {ckpt} with other values of the keys that define the run: "
     assert lines[0].startswith(differ.format(f"--init_from={tmp_path / 'a'}") +
-                               f"init_from '{toy[1]}' in the checkpoint, '{tmp_path / 'a'}' now. "), lines[0]
+                               f"init_from '{toy[1]}' in the checkpoint, "
+                               f"'{tmp_path / 'a' / 'step_000004'}' now. "), lines[0]
     assert lines[1].startswith(differ.format("--num_contrast=0") + "num_contrast 2 in the checkpoint, 0 now. ")
     assert lines[2] == "tgrpo.py --lr=0.002 -> SystemExit a model was loaded"
     assert f"resuming {ckpt} with changed settings: max_steps 4 -> 6, lr 0.001 -> 0.002" in notes
@@ -304,11 +305,12 @@ def test_a_resume_refuses_a_start_whose_latest_has_moved(toy, tmp_path):
     (sft / "latest").write_text("step_000002")
     ckpt = tmp_path / "b" / "step_000001"
     resume = ["tgrpo.py", *tgrpo_args(toy, tmp_path / "b"), "--resume=True", "--max_steps=2"]
-    lines, _ = run_until_a_model_loads([[*resume, f"--init_from={sft}"], [*resume, f"--init_from={sft / 'step_000001'}"]])
-    assert lines[0].startswith(f"tgrpo.py --init_from={sft} -> ValueError cannot resume {ckpt} with other values of the "
-                               f"keys that define the run: init_from '{sft / 'step_000001'}' in the checkpoint, "
+    pinned = sft / "step_000001"
+    lines, _ = run_until_a_model_loads([[*resume, f"--init_from={sft}"], [*resume, f"--init_from={pinned}"]])
+    assert lines[0].startswith(f"tgrpo.py --init_from={sft} -> ValueError cannot resume {ckpt} with other values of "
+                               f"the keys that define the run: init_from '{pinned}' in the checkpoint, "
                                f"'{sft / 'step_000002'}' now. "), lines[0]
-    assert lines[1] == f"tgrpo.py --init_from={sft / 'step_000001'} -> SystemExit a model was loaded"
+    assert lines[1] == f"tgrpo.py --init_from={pinned} -> SystemExit a model was loaded"
 
 
 def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
