@@ -44,18 +44,27 @@ run_one() {  # seed method: train from the SFT checkpoint, then evaluate
   # shellcheck disable=SC2086  # the method's flags are separate words
   python tgrpo.py --init_from="$sft" --train_json="$data/rl.json" --seed="$1" ${methods[$2]} \
     --max_steps="$steps" --lr="$lr" --temperature="$temperature" --max_new_tokens="$tokens" \
-    --ckpt_interval="$steps" --out_dir="$run" > "$run.log" 2>&1
+    --ckpt_interval="$steps" --out_dir="$run" > "$run.log" 2>&1 || return 1
   evaluate "$run" "$run/eval"
 }
-pids=()
-evaluate "$sft" "$root/sft/eval" &
-pids+=($!)
+# a job that fails says so in this file; the comparison then fails after the others end. (Waiting on each job's pid
+# does not work: `jobs` in the loop below lets bash forget finished jobs, and `wait PID` then stops the script with
+# "pid N is not a child of this shell" while runs go on.)
+failed="$root/failed.txt"
+rm -f "$failed"
+record_failure() {  # command...: run it; on failure, append it to $failed
+  "$@" || echo "failed (exit $?): $*" >> "$failed"
+}
+record_failure evaluate "$sft" "$root/sft/eval" &
 for seed in $seeds; do
   for method in $chosen; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 5; done  # JOBS runs at once, one CPU thread each
-    run_one "$seed" "$method" &
-    pids+=($!)
+    record_failure run_one "$seed" "$method" &
   done
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the comparison
+wait  # for every job
+if [ -s "$failed" ]; then
+  cat "$failed" >&2
+  exit 1
+fi
 python plot.py "$root"
