@@ -261,7 +261,8 @@ def test_gpu_check_runs_qwen3_8b_shapes_on_cpu_small():
     code, output = run_script("bench.py", "configs/bench_gpu.py", "configs/bench_gpu_qwen3.py",
                               "--random_7b=qwen3_small", "--frames=4", "--height=64", "--width=128", "--new_tokens=3", "--repeats=1")
     assert code == 0, output[-4000:]
-    assert re.search(r"decode   LoRA rank 64 [\d.]+ ms/token", output)
+    # a difference of two timed calls at 3 new tokens: negative on a loaded CPU at times
+    assert re.search(r"decode   LoRA rank 64 -?[\d.]+ ms/token", output)
     assert float(re.search(r"max \|diff\| of log-probs (\S+)", output).group(1)) < 1e-4
 
 
