@@ -213,6 +213,11 @@ def frame_max_pixels(nframes, min_pixels, max_pixels, total_pixels, factor) -> f
     # max_pixels can lower the budgeted cap, never raise it
     return min(max_pixels, max(budgeted, lowest))
 
+def _resize_video(frames, path, min_pixels, max_pixels, total_pixels, factor) -> np.ndarray:
+    """A video's sampled frames resized as one clip: each within frame_max_pixels of the clip."""
+    cap = frame_max_pixels(len(frames), min_pixels, max_pixels, total_pixels, factor)
+    return _resize(frames, path, min_pixels, cap, video=True, factor=factor)
+
 def _num_frames(total, video_fps, fps, min_frames, max_frames) -> int:
     """qwen-vl-utils' smart_nframes: an even frame count (DETAILS.md, "Frame sampling and
     resizing")."""
@@ -259,8 +264,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=16, min_pixels=MIN_PIXELS
         lines = str(e).strip().splitlines() or [type(e).__name__]
         reason = lines[0][:200]
         raise DataError(f"{path}: cannot decode video: {reason}") from e
-    cap = frame_max_pixels(len(indices), min_pixels, max_pixels, total_pixels, factor)
-    frames = _resize(frames, path, min_pixels, cap, video=True, factor=factor)
+    frames = _resize_video(frames, path, min_pixels, max_pixels, total_pixels, factor)
     return _sampled_video(frames, indices, total, avg_fps)
 
 def _decode_image(path) -> np.ndarray:
@@ -312,8 +316,7 @@ def read_frame_folder(path, folder_fps, fps=2.0, min_frames=4, max_frames=16,
     sizes = {frame.shape for frame in decoded}
     if len(sizes) > 1:
         raise DataError(f"{path}: frames of different sizes {sorted(sizes)}")
-    cap = frame_max_pixels(len(indices), min_pixels, max_pixels, total_pixels, factor)
-    frames = _resize(np.stack(decoded), path, min_pixels, cap, video=True, factor=factor)
+    frames = _resize_video(np.stack(decoded), path, min_pixels, max_pixels, total_pixels, factor)
     return _sampled_video(frames, indices, total, folder_fps)
 
 def _frame_folder(path) -> str | None:
