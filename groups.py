@@ -72,10 +72,10 @@ def other_records(records, rng):
     """For each record, another record of the same list, drawn as one random cycle through all of
     them (so none is its own other)."""
     order = rng.permutation(len(records))
-    other = [None] * len(records)
+    other = {}
     for k, index in enumerate(order):
         other[index] = records[order[(k + 1) % len(records)]]
-    return other
+    return [other[index] for index in range(len(records))]
 
 
 def prompt_stats(texts, record, other):
@@ -98,8 +98,9 @@ def sample(policy, tokenizer, records, generator):
     encoded = []
     row_clip = []
     for i, example in enumerate(examples):
-        encoded.extend([example.prompt] * num_generations)
-        row_clip.extend([i] * num_generations)
+        for _ in range(num_generations):
+            encoded.append(example.prompt)
+            row_clip.append(i)
     clips = [example.clip for example in examples]
     pad_id = tokenizer.pad_token_id
     batch = model.collate_prompts(encoded, clips, pad_id, policy.config, policy.device, row_clip)
@@ -138,8 +139,8 @@ def measure(policy, tokenizer, records):
 
 def format_table(table):
     """The table as markdown, in percent."""
-    lines = [f"| {group_by} | prompts | sampled % | other % | sampled - other | mixed % | rescue % |",
-             "|---|---|---|---|---|---|---|"]
+    header = "| prompts | sampled % | other % | sampled - other | mixed % | rescue % |"
+    lines = [f"| {group_by} {header}", "|---|---|---|---|---|---|---|"]
     for name, stats in table.items():
         lines.append(f"| {name} | {stats.prompts} | {100 * stats.sampled:.1f} | "
                      f"{100 * stats.other:.1f} | {100 * (stats.sampled - stats.other):+.1f} | "
