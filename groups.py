@@ -12,7 +12,8 @@ too, whose advantages reward a guess. Per group of records it prints (README, "D
 temporal reasoning?"):
   sampled  mean accuracy of the sampled responses (tgrpo.py's training accuracy)
   other    their mean accuracy against the answer of another record of the same group: what the
-           responses score where the clip is not theirs; sampled - other is what the clip adds
+           responses score where the clip is not theirs; sampled - other is what the clip adds (with
+           its standard error over the prompts)
   mixed    share of prompts whose group has some but not all responses correct (accuracy >= 0.5)
   rescue   share of prompts with some responses right but fewer than half: where RL can turn a
            mostly wrong answer right
@@ -64,6 +65,7 @@ class GroupStats(NamedTuple):
     prompts: int
     sampled: float
     other: float
+    clip_error: float  # the standard error of sampled - other over the prompts
     mixed: float
     rescue: float
 
@@ -132,8 +134,13 @@ def measure(policy, tokenizer, records):
             texts = sample(policy, tokenizer, call, generator)
             for k, record in enumerate(call):
                 per_prompt.append(prompt_stats(texts[k], record, others[start + k]))
-        means = np.mean(per_prompt, axis=0)  # [4]: sampled, other, mixed, rescue
-        table[name] = GroupStats(len(chosen), *means.tolist())
+        per_prompt = np.array(per_prompt)  # [prompts, 4]: sampled, other, mixed, rescue
+        sampled, other, mixed, rescue = per_prompt.mean(0).tolist()
+        clip_part = per_prompt[:, 0] - per_prompt[:, 1]  # [prompts]
+        clip_error = 0.0
+        if len(chosen) > 1:
+            clip_error = float(clip_part.std(ddof=1) / np.sqrt(len(chosen)))
+        table[name] = GroupStats(len(chosen), sampled, other, clip_error, mixed, rescue)
     return table
 
 
@@ -143,7 +150,8 @@ def format_table(table):
     lines = [f"| {group_by} {header}", "|---|---|---|---|---|---|---|"]
     for name, stats in table.items():
         lines.append(f"| {name} | {stats.prompts} | {100 * stats.sampled:.1f} | "
-                     f"{100 * stats.other:.1f} | {100 * (stats.sampled - stats.other):+.1f} | "
+                     f"{100 * stats.other:.1f} | {100 * (stats.sampled - stats.other):+.1f} "
+                     f"± {100 * stats.clip_error:.1f} | "
                      f"{100 * stats.mixed:.0f} | {100 * stats.rescue:.0f} |")
     return "\n".join(lines)
 

@@ -65,7 +65,8 @@ def test_script_prints_a_row_per_family_of_videos(toy):
     for row in rows:
         cells = [cell.strip() for cell in row.split("|")[2:-1]]
         assert cells[0] in ("1", "2")
-        sampled, other, difference = (float(c) for c in cells[1:4])
+        sampled, other = float(cells[1]), float(cells[2])
+        difference = float(cells[3].split("±")[0])
         assert abs(sampled - other - difference) < 0.11
 
 
