@@ -35,6 +35,23 @@ TYPE_SUFFIX = {
            "within the <answer> </answer> tags.",
     "free-form": " Please provide your text answer within the <answer> </answer> tags.",
 }
+# The synthetic task's prompt: one line where the reasoning template has six. The toy's questions
+# are ~16 tokens and its clips 16: with the template, 191 of a question's ~207 user tokens were the
+# template, repeated in every rollout and loss row. Paper scale keeps the template word for word.
+SHORT_TEMPLATE = ("{Question}\nThink between <think> and </think>, then answer between <answer> "
+                  "and </answer>.")
+SHORT_SUFFIX = {
+    "multiple choice": " Answer with the option letter.",
+    "numerical": " Answer with a number.",
+    "regression": " Answer with a number.",
+    "OCR": " Answer with the text.",
+    "free-form": " Answer in words.",
+}
+# a prompt style: its template (with a {Question} slot) and its answer-type suffixes
+PROMPT_STYLES = {"reasoning": (PROMPT_TEMPLATE, TYPE_SUFFIX),
+                 "short": (SHORT_TEMPLATE, SHORT_SUFFIX)}
+# a checkpoint without a prompt_style in its config.json (a released Qwen model): the paper's
+DEFAULT_PROMPT_STYLE = "reasoning"
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 PATCH = 14           # Qwen2.5-VL's ViT patch side, pixels (Qwen3-VL's: family.py)
@@ -417,14 +434,21 @@ def make_clip(frames, fps, times=None, fam=family.DEFAULT) -> Clip:
         timestamps = patch_timestamps(times)
     return Clip(pixel_values, (t, h, w), is_video, second_per_grid, timestamps)
 
-def question_text(record) -> str:
-    """The user turn's text: the question (with its options), the reasoning template and the
-    answer-type suffix."""
+def question_text(record, style=DEFAULT_PROMPT_STYLE) -> str:
+    """The user turn's text: the question (with its options) in the style's template (PROMPT_STYLES:
+    "reasoning" is Video-R1's), then its answer-type suffix."""
     question = record["problem"]
     # official wording: no separator before "Options:"
     if record["problem_type"] == "multiple choice":
         question += "Options:\n" + "".join(option + "\n" for option in record["options"])
-    return PROMPT_TEMPLATE.format(Question=question) + TYPE_SUFFIX[record["problem_type"]]
+    template, suffix = PROMPT_STYLES[style]
+    return template.format(Question=question) + suffix[record["problem_type"]]
+
+def prompt_style(asked, trained) -> str:
+    """The prompt style to use: `asked` (a script's prompt_style) when set, else `trained`, the
+    one the model was trained with (its config's prompt_style, which sft.py and tgrpo.py save with
+    every checkpoint), else DEFAULT_PROMPT_STYLE (a released model's)."""
+    return asked or trained or DEFAULT_PROMPT_STYLE
 
 def chat_template(clip, fam=family.DEFAULT) -> tuple[str, str]:
     """The chat template of one user turn, (before, after) its question text (DETAILS.md, "The
@@ -438,15 +462,15 @@ def encode_plain(tokenizer, text) -> list[int]:
     control token."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
-def encode_prompt(tokenizer, record, clip, max_tokens,
-                  fam=family.DEFAULT) -> tuple[list[int], list[int]]:
+def encode_prompt(tokenizer, record, clip, max_tokens, fam=family.DEFAULT,
+                  style=DEFAULT_PROMPT_STYLE) -> tuple[list[int], list[int]]:
     """Prompt ids and their mm_token_type_ids (MM_TYPE; M-RoPE needs them). Template and question
     are encoded apart (encode_plain), which gives the whole prompt's ids when the question holds no
     special token."""
     before, after = chat_template(clip, fam)
     before_ids = tokenizer(before, add_special_tokens=False).input_ids
     after_ids = tokenizer(after, add_special_tokens=False).input_ids
-    ids = before_ids + encode_plain(tokenizer, question_text(record)) + after_ids
+    ids = before_ids + encode_plain(tokenizer, question_text(record, style)) + after_ids
     if len(ids) > max_tokens:
         raise DataError(f"prompt of {len(ids)} tokens exceeds max_prompt_tokens={max_tokens}")
 
@@ -496,8 +520,9 @@ def load_examples(records, tokenizer, config, contrast_rng=None, fam=family.DEFA
 
 def load_example(record, tokenizer, config, contrast_rng=None, fam=family.DEFAULT):
     """(prompt ids, mm types), the clip, and for a video given `contrast_rng` the contrast clip
-    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS and max_prompt_tokens (and,
-    given a contrast_rng, contrast_timestamps). A DataError names the JSON file and record.
+    and its prompt, in `fam`'s layout; `config` gives FRAME_LIMITS, max_prompt_tokens and
+    prompt_style (and, given a contrast_rng, contrast_timestamps). A DataError names the JSON file
+    and record.
 
     The contrast clip shuffles the frames; a Qwen3-VL prompt's timestamps stay in time order
     (contrast_timestamps "ordered", so the prompt is the ordered one's) or are shuffled with them
@@ -507,7 +532,8 @@ def load_example(record, tokenizer, config, contrast_rng=None, fam=family.DEFAUL
         frames, fps, times = read_media(record, **limits, factor=fam.patch * MERGE)
         clip = make_clip(frames, fps, times, fam)
         max_tokens = config["max_prompt_tokens"]
-        prompt = encode_prompt(tokenizer, record, clip, max_tokens, fam)
+        style = config["prompt_style"]  # resolved by the caller (prompt_style)
+        prompt = encode_prompt(tokenizer, record, clip, max_tokens, fam, style)
         # an image has no frame order to break
         if contrast_rng is None or not clip.is_video:
             return prompt, clip, None, None
@@ -518,7 +544,8 @@ def load_example(record, tokenizer, config, contrast_rng=None, fam=family.DEFAUL
         contrast_clip = make_clip(frames[order], fps, contrast_times, fam)
         contrast_prompt = prompt
         if contrast_clip.timestamps != clip.timestamps:
-            contrast_prompt = encode_prompt(tokenizer, record, contrast_clip, max_tokens, fam)
+            contrast_prompt = encode_prompt(tokenizer, record, contrast_clip, max_tokens, fam,
+                                            style)
         return prompt, clip, contrast_clip, contrast_prompt
     except DataError as err:
         name = record_name(record["json"], record["index"], record)

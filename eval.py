@@ -59,6 +59,8 @@ seed = 0
 threads = 1
 # "flash_attention_2" where flash_attn is installed, else "sdpa"
 attn = common.ATTN
+# data.PROMPT_STYLES: "" -> the one the checkpoint was trained with, else "reasoning"
+prompt_style = ""
 # also answer each video question on its frames shuffled (temporal reliance)
 shuffled = False
 # seconds a collective waits for a late rank before the run fails (why 900: sft.py)
@@ -68,6 +70,7 @@ contrast_timestamps = "ordered"
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
                           choices=dict(attn=model.ATTENTION,
+                                       prompt_style=("", *video_data.PROMPT_STYLES),
                                        contrast_timestamps=video_data.CONTRAST_TIMESTAMPS))
 # record fields the table breaks a benchmark down by: the benchmarks' own breakdowns (VSI-Bench's
 # tasks, VideoMME's video lengths, the synthetic task's families); not data_source, which in MMVU
@@ -142,15 +145,16 @@ def empty_result(k, record):
     }
 
 
-def example_or_error(record, index, tokenizer, fam):
-    """Record `index`'s (prompt, clip, shuffled clip, its prompt) in `fam`'s layout, or the
-    DataError that fails its samples."""
+def example_or_error(record, index, tokenizer, fam, style):
+    """Record `index`'s (prompt, clip, shuffled clip, its prompt) in `fam`'s layout and prompt
+    `style`, or the DataError that fails its samples."""
     rng = None
     if shuffled:
         # seeded per record, not per batch or rank: any split of the work shuffles alike
         rng = np.random.default_rng([seed, index])
     try:
-        return video_data.load_example(record, tokenizer, config, rng, fam)
+        return video_data.load_example(record, tokenizer, config | {"prompt_style": style}, rng,
+                                       fam)
     except video_data.DataError as err:
         return err
 
@@ -169,11 +173,14 @@ def run_batch(net, tokenizer, items, generator, device):
     # media: a record's ordered and shuffled samples share one decode
     loaded = {}
     answered = []
-    fam = family.of(model.unwrap(net).config)
+    net_config = model.unwrap(net).config
+    fam = family.of(net_config)
+    style = video_data.prompt_style(config["prompt_style"],
+                                    getattr(net_config, "prompt_style", None))
     for k, record in items:
         benchmark, index, is_shuffled = k
         if (benchmark, index) not in loaded:
-            loaded[benchmark, index] = example_or_error(record, index, tokenizer, fam)
+            loaded[benchmark, index] = example_or_error(record, index, tokenizer, fam, style)
         example = loaded[benchmark, index]
         if isinstance(example, video_data.DataError):
             results[k]["failed"] = str(example)
@@ -385,6 +392,8 @@ if __name__ == "__main__":
     # loaded before run.json is written: a wrong path must not stick
     net, tokenizer = lifecycle.load_model(checkpoint, device, attn=attn)
     net.eval()
+    # the prompt the checkpoint was trained on, unless told otherwise; run.json keeps it
+    lifecycle.resolve_prompt_style(config, checkpoint)
 
     # resume only a run of the same settings, so answers of another checkpoint or frame count
     # never mix in (out_dir and dist_timeout change no answer)

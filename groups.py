@@ -54,9 +54,12 @@ max_prompt_tokens = 1024
 seed = 0                             # the sampling and the choice of each record's other record
 threads = 1                          # CPU threads (0: torch's choice)
 attn = common.ATTN
+# data.PROMPT_STYLES: "" -> the one the checkpoint was trained with, else "reasoning"
+prompt_style = ""
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
-                          choices=dict(attn=model.ATTENTION))
+                          choices=dict(attn=model.ATTENTION,
+                                       prompt_style=("", *video_data.PROMPT_STYLES)))
 config["skip_bad"] = False  # a bad record stops the measurement: its counts would be off
 
 
@@ -96,7 +99,10 @@ def prompt_stats(texts, record, other):
 def sample(policy, tokenizer, records, generator):
     """G sampled responses per record on its ordered clip: a list of G texts per record."""
     fam = family.of(policy.config)
-    examples, _ = video_data.load_examples(records, tokenizer, config, None, fam)
+    style = video_data.prompt_style(config["prompt_style"],
+                                    getattr(policy.config, "prompt_style", None))
+    examples, _ = video_data.load_examples(records, tokenizer, config | {"prompt_style": style},
+                                           None, fam)
     encoded = []
     row_clip = []
     for i, example in enumerate(examples):
@@ -159,11 +165,13 @@ def format_table(table):
 if __name__ == "__main__":
     device = common.setup_distributed(threads, seed)
     path = common.latest_checkpoint(model_path) or model_path
+    lifecycle.resolve_prompt_style(config, path)
     policy, tokenizer = lifecycle.load_model(path, device, attn=attn)
     policy.eval()
     records, _ = video_data.load_records(data, media_root or None)
     print(f"{path} on {data}: G={num_generations}, temperature {temperature}, "
-          f"{max_new_tokens} new tokens, the first {per_group} videos of each {group_by}")
+          f"{max_new_tokens} new tokens, prompt {config['prompt_style']}, "
+          f"the first {per_group} videos of each {group_by}")
     with torch.no_grad():
         table = measure(policy, tokenizer, records)
     print(format_table(table))

@@ -4,6 +4,7 @@ and the model's part of a checkpoint (HF weights; under LoRA the adapter and the
 
 The forward pass lives in model.py, the generic run machinery (configurator, ranks, optimizer,
 atomic folders) in common.py; this module joins the two for the training scripts."""
+import json
 import os
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -71,6 +72,32 @@ def load_model(path, device, grad_ckpt=False, attn="sdpa", dtype=None, lora=None
     return net, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
+def trained_prompt_style(folder):
+    """The prompt_style in a checkpoint folder's config.json (an adapter folder: its base's), or
+    None where it has none (a released model)."""
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        folder = LoraConfig.from_pretrained(folder).base_model_name_or_path
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("prompt_style")
+    except (OSError, json.JSONDecodeError) as e:
+        raise data.DataError(f"{path}: cannot read the checkpoint's config: {e}") from e
+
+
+def resolve_prompt_style(config, folder):
+    """A script's prompt_style, resolved before anything loads ("": the one the checkpoint in
+    `folder` was trained with: data.prompt_style) and written back into `config`, so run.json keeps
+    what ran; a style other than the model's own is said."""
+    trained = trained_prompt_style(folder)
+    style = data.prompt_style(config["prompt_style"], trained)
+    if trained and style != trained:
+        common.print0(f"note: prompt_style {style!r} as asked; {folder} was trained with "
+                      f"{trained!r}")
+    config["prompt_style"] = style
+    return style
+
+
 def lora_config(config):
     """peft's LoraConfig from a script's lora_* values (None: full fine-tuning).
 
@@ -129,6 +156,8 @@ def start_training(config, init, device, run_keys):
     dtype = training_dtype(config, device)
     net, tokenizer = load_model(path, device, config["grad_ckpt"], config["attn"], dtype,
                                 lora_config(config))
+    # the prompt it trains on goes into every checkpoint's config.json (resolve_prompt_style)
+    model.unwrap(net).config.prompt_style = config["prompt_style"]
     opt = common.Optimizer(net, config["lr"], config["weight_decay"], config["grad_clip"],
                            deepspeed_config=config["deepspeed"])
     if not ckpt:

@@ -1,6 +1,7 @@
 """Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean +-
 std over seeds. `python plot.py out/compare` draws the CURVES into curves.png there and prints a
 markdown table of eval accuracy."""
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -34,9 +35,24 @@ ROWS = [(family, metric)
         for family in ("temporal", "control")
         for metric in ("ordered", "shuffled", "gap")]
 
+def read_log(path):
+    """The lines of a metrics.jsonl, or of a metrics.jsonl.gz (compare.sh's RESULTS copies), as
+    dicts."""
+    opener = open
+    if path.suffix == ".gz":
+        opener = gzip.open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def run_logs(root, method):
+    """Each seed's log of `method` under root: metrics.jsonl, or the .gz of a results folder."""
+    return sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl*"))
+
+
 def curve(path, key):
     """The SMOOTH-step moving average of one metric in a metrics.jsonl ("p_gap": p - p~)."""
-    rows = [json.loads(line) for line in open(path)]
+    rows = read_log(path)
     if key == "p_gap":
         values = [r["p"] - r["p_contrast"] for r in rows]
     else:
@@ -62,9 +78,9 @@ def plot(root):
     """Each method's CURVES, mean +- std over its seeds, into root/curves.png."""
     fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for method, label in methods(root).items():
-        paths = sorted(Path(root).glob(f"{method}_seed*/metrics.jsonl"))
+        paths = run_logs(root, method)
         # a run still in its first SMOOTH steps has no point yet: drawn once it has
-        short = [p for p in paths if sum(1 for _ in open(p)) < SMOOTH]
+        short = [p for p in paths if len(read_log(p)) < SMOOTH]
         for p in short:
             print(f"not drawn yet: {p} (fewer than {SMOOTH} steps)")
         paths = [p for p in paths if p not in short]

@@ -232,3 +232,13 @@ def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
         return adv, 0.0
     change = float(np.mean(np.abs(adv - without)))
     return adv, change
+
+
+def carries_no_advantage(rewards, bonus, bonus_to="reward"):
+    """True for a group whose advantages are all zero: every response earned the same reward R_i
+    (eq. 2), and no bonus is added to the advantages (bonus_to="advantage" adds r_t after eq. 3).
+    Such a group teaches nothing, yet it fills rows of the update; DAPO's dynamic sampling (and
+    EasyR1, OneThinker) drop it (tgrpo.py's filter_groups)."""
+    if bonus_to == "advantage" and np.any(bonus):
+        return False
+    return bool(np.ptp(np.asarray(rewards, dtype=np.float64)) == 0)

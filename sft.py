@@ -45,6 +45,9 @@ grad_clip = 5.0               # the paper's max grad norm
 max_target_tokens = 768       # the paper's: longer targets are truncated (counted in the log)
 # a longer prompt is a bad record (synthetic prompts: <= 250; paper scale 16384)
 max_prompt_tokens = 1024
+# data.PROMPT_STYLES: "reasoning" (Video-R1's template) or "short" (one line); "" -> model_path's
+# own (the tiny model's: "short"), else "reasoning"; checkpoints keep it (config.json)
+prompt_style = ""
 fps = 2.0                     # frame sampling: fps, frame count limits, per-frame pixel limits
 min_frames = 4
 max_frames = 16
@@ -80,11 +83,12 @@ deepspeed = ""
 dist_timeout = 900
 # a resume keeps these (common.check_resume): the data stream, the start, the state's form
 RUN_KEYS = ("model_path", "data_dir", "train_json", "media_root", "val_records", "seed",
-            "batch_size", "grad_accum", "deepspeed", "lora_rank", "lora_alpha", "lora_dropout",
-            "lora_targets", "lora_merger")
+            "batch_size", "grad_accum", "prompt_style", "deepspeed", "lora_rank", "lora_alpha",
+            "lora_dropout", "lora_targets", "lora_merger")
 
 argv = sys.argv[1:] if __name__ == "__main__" else []  # imported (the tests): the defaults
-config = common.configure(globals(), argv, choices=dict(attn=model.ATTENTION))
+choices = dict(attn=model.ATTENTION, prompt_style=("", *data.PROMPT_STYLES))
+config = common.configure(globals(), argv, choices)
 
 
 class SFTBatch(NamedTuple):
@@ -99,8 +103,11 @@ class SFTBatch(NamedTuple):
 def make_batch(net, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions;
     a bad example is skipped and counted under skip_bad."""
-    fam = family.of(model.unwrap(net).config)
-    examples, skipped = data.load_examples(records, tokenizer, config, fam=fam)
+    net_config = model.unwrap(net).config
+    fam = family.of(net_config)
+    style = data.prompt_style(config["prompt_style"], getattr(net_config, "prompt_style", None))
+    examples, skipped = data.load_examples(records, tokenizer, config | {"prompt_style": style},
+                                           fam=fam)
     if not examples:
         # every record failed: a placeholder row keeps this rank's collectives in step, at zero loss
         prompts, ids, mask = lifecycle.placeholder_batch(net, device)
@@ -171,12 +178,14 @@ if __name__ == "__main__":
     train = records[:-val_records]
     val = records[-val_records:]
 
-    # the model and optimizer, from out_dir/latest under resume
+    # the model and optimizer, from out_dir/latest under resume, trained on the prompt it asks for
+    lifecycle.resolve_prompt_style(config, model_path)
     net, tokenizer, opt, start, consumed = lifecycle.start_training(config, model_path, device,
                                                                     RUN_KEYS)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
     common.print0(f"{len(train)} train / {len(val)} val records ({bad} bad skipped), "
-                  f"{millions:.2f} M params, start at step {start}")
+                  f"{millions:.2f} M params, prompt {config['prompt_style']}, "
+                  f"start at step {start}")
     log = common.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
     net.train()
     stop = max_steps

@@ -45,6 +45,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
 # the synthetic task's text needs few merges; a small vocab keeps the tiny model at ~0.7 M params
 TINY_VOCAB = 512
 NTH = ("first", "second", "third", "fourth")
+# the tiny model's prompt: one line, not the reasoning template (91 % of a question's text)
+PROMPT_STYLE = "short"
 
 def paint(W, objs):
     """One RGB frame with objs = [(shape, colour, centre x, centre y, side)]."""
@@ -320,6 +322,8 @@ def ensure_tiny_model(path, texts, seed=0, model_type="qwen2_5_vl"):
         return
     tokenizer = build_tokenizer(texts)
     config = tiny_config(tokenizer, model_type)
+    # the toy's prompt (data.PROMPT_STYLES), which sft.py takes from here and saves onwards
+    config.prompt_style = PROMPT_STYLE
 
     # the random weights, written to a temporary folder and renamed: `path` never holds half a model
     torch.manual_seed(seed)

@@ -324,7 +324,7 @@ def test_load_example_errors_name_the_json_record_and_media(tmp_path, tokenizer)
     records[1]["path"] = "imgs/missing.png"
     record = data.load_records(write_json(tmp_path / "rl.json", records))[0][1]
     config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
-                  total_pixels=0, max_prompt_tokens=1000)
+                  total_pixels=0, max_prompt_tokens=1000, prompt_style="reasoning")
     with pytest.raises(DataError,
                        match=r"rl.json record 1 \(problem_id 2\): .*imgs/missing.png: image file not found"):
         data.load_example(record, tokenizer, config)
@@ -371,7 +371,8 @@ def frame_record(**fields):
 
 
 FRAME_CONFIG = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
-                    total_pixels=0, max_prompt_tokens=1000, contrast_timestamps="ordered")
+                    total_pixels=0, max_prompt_tokens=1000, contrast_timestamps="ordered",
+                    prompt_style="reasoning")
 
 
 @pytest.mark.parametrize("layout", ["mp4 file", "folder of that name", "folder without .mp4 (MVBench's own)"])

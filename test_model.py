@@ -81,6 +81,48 @@ def test_vision_once_equals_pixels_repeated_per_row(tiny):
     net.zero_grad()
 
 
+def test_rows_sharing_a_prompt_run_it_once_and_equal_transformers(tiny):
+    """T-GRPO's G rows repeat one prompt: it runs once (a prompt pass, then the completions over copies of its
+    cache), and the log-probs and gradients still equal the plain transformers forward of every row."""
+    net, tok, _ = tiny
+    net.zero_grad()
+    clips = [random_clip(4, 56, 56, seed=1), random_clip(4, 56, 56, seed=2)]
+    row_clip = [0, 0, 0, 1, 1, 0]
+    texts = ["red", "red", "blue square", "red", "red", "red"]  # 3 distinct prompts: (0, red), (0, blue), (1, red)
+    batch = batch_of(net, tok, texts, clips, row_clip)
+    shared = M.shared_prompts(batch)
+    assert shared.first == [0, 2, 3] and shared.of_row.tolist() == [0, 0, 1, 2, 2, 0]
+    completion = torch.randint(10, 200, (6, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[1, 3:] = 0  # a stopped row: its pads are masked out as keys too
+    ours, ours_grads = ours_with_grads(net, batch, completion, mask)
+
+    P = batch.input_ids.shape[1]
+    positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(5)).expand(3, 6, 5)], dim=2)
+    logits = net(input_ids=torch.cat([batch.input_ids, completion], 1),
+                 attention_mask=torch.cat([batch.attention_mask, mask], 1), position_ids=positions,
+                 pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
+                 video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
+    assert_matches_transformers(net, ours, ours_grads, logits, completion)
+    net.zero_grad()
+
+
+def test_generation_of_rows_sharing_a_prompt_equals_each_prompt_alone(tiny):
+    """The prefill runs each distinct prompt once; greedy rows equal the prompt generated on its own."""
+    net, tok, _ = tiny
+    clips = [random_clip(4, 56, 56, seed=5), random_clip(2, 56, 112, second_per_grid=0.5, seed=6)]
+    texts = ["which way does it move?", "red", "which way does it move?", "red"]
+    batch = batch_of(net, tok, texts, clips, [0, 1, 0, 1])
+    assert len(M.shared_prompts(batch).first) == 2
+    ours, mask = M.generate(net, batch, 8, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    for row in (0, 1):
+        alone, alone_mask = M.generate(net, batch_of(net, tok, texts[row:row + 1], clips, [row]), 8,
+                                       [tok.eos_token_id], tok.pad_token_id, temperature=0)
+        for b in (row, row + 2):
+            n = int(alone_mask.sum())
+            assert int(mask[b].sum()) == n and torch.equal(ours[b, :n], alone[0, :n])
+
+
 def test_greedy_generation_equals_model_generate(tiny):
     """Image and text prompts of different lengths, left-padded: token for token (both position rules agree here)."""
     net, tok, _ = tiny

@@ -34,3 +34,20 @@ def test_curves_leave_out_a_run_still_in_its_first_steps(tmp_path, capsys):
     plot.plot(tmp_path)
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert f"not drawn yet: {tmp_path / 'tgrpo_seed0' / 'metrics.jsonl'}" in capsys.readouterr().out
+
+
+def test_a_results_folder_of_gzipped_logs_draws_as_the_runs_do(tmp_path):
+    """compare.sh's RESULTS keep metrics.jsonl.gz: the same curves and table as the run folders."""
+    import gzip
+    import shutil
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    write_run(runs, "grpo_seed0", 0.52, 30)
+    (results / "grpo_seed0" / "eval").mkdir(parents=True)
+    shutil.copy(runs / "grpo_seed0" / "eval" / "summary.json", results / "grpo_seed0" / "eval" / "summary.json")
+    log = (runs / "grpo_seed0" / "metrics.jsonl").read_bytes()
+    with gzip.open(results / "grpo_seed0" / "metrics.jsonl.gz", "wb") as dst:
+        dst.write(log)
+    gz = plot.run_logs(results, "grpo")
+    assert [p.name for p in gz] == ["metrics.jsonl.gz"]
+    assert (plot.curve(gz[0], "kl") == plot.curve(plot.run_logs(runs, "grpo")[0], "kl")).all()
+    assert plot.table(results) == plot.table(runs)

@@ -237,7 +237,7 @@ def test_contrast_keeps_timestamps_in_order_unless_told(toy, tiny3):
     records, _ = data.load_records(os.path.join(data_dir, "rl.json"))
     record = next(r for r in records if r["data_type"] == "video")
     config = dict(fps=2.0, min_frames=4, max_frames=16, min_pixels=3136, max_pixels=128 * 28 * 28,
-                  total_pixels=0, max_prompt_tokens=10_000)
+                  total_pixels=0, max_prompt_tokens=10_000, prompt_style="reasoning")
     ordered = data.load_example(record, tok, config | {"contrast_timestamps": "ordered"},
                                 np.random.default_rng(0), QWEN3)
     shuffled = data.load_example(record, tok, config | {"contrast_timestamps": "shuffled"},
@@ -470,7 +470,7 @@ def test_the_clip_budget_reaches_the_frames_through_load_example(tmp_path, token
     synthetic.write_mp4(path, [np.full((360, 640, 3), 8 * i, np.uint8) for i in range(32)], 4)
     record = {"problem": "Which way?", "problem_type": "free-form", "data_type": "video", "path": path,
               "json": "rl.json", "index": 0}
-    config = dict(QWEN3_CLIP, max_frames=16, max_prompt_tokens=10_000)
+    config = dict(QWEN3_CLIP, max_frames=16, max_prompt_tokens=10_000, prompt_style="reasoning")
     _, clip, *_ = data.load_example(record, tokenizer, config, fam=QWEN3)
     assert clip.grid_thw == (8, 256 // 16, 480 // 16)  # 120 tokens a patch
     _, clip, *_ = data.load_example(record, tokenizer, config | {"total_pixels": 0}, fam=QWEN3)

@@ -501,3 +501,19 @@ def test_temporal_bonus_only_pays_correct_ordered_responses(ordered, shuffled, r
     assert 0 <= p <= 1 and 0 <= p_tilde <= 1
     for b, a in zip(bonus, ordered):
         assert b == (ALPHA if granted and is_correct(a, rule=rule) else 0.0)
+
+
+@pytest.mark.parametrize("rewards_, bonus, bonus_to, expected", [
+    ([2.0, 2.0, 2.0], [0, 0, 0], "reward", True),          # all right: zero advantages
+    ([1.0, 1.0, 1.0], [0, 0, 0], "advantage", True),       # all wrong
+    ([2.3, 2.3, 2.3], [0.3, 0.3, 0.3], "reward", True),    # all right, bonus paid to all: eq. 3 leaves zeros
+    ([2.0, 2.0, 2.0], [0.3, 0.3, 0.3], "advantage", False),  # the bonus added after eq. 3: +0.3 each
+    ([2.0, 1.0, 2.0], [0, 0, 0], "reward", False),         # mixed
+    ([1.5, 1.25, 1.5], [0, 0, 0], "reward", False),        # OCR's partial credit differs
+])
+def test_carries_no_advantage(rewards_, bonus, bonus_to, expected):
+    """filter_groups' test: a group is dropped exactly when its advantages are all zero."""
+    from rewards import carries_no_advantage
+    assert carries_no_advantage(rewards_, bonus, bonus_to) is expected
+    adv, _ = advantages(np.array(rewards_) - np.array(bonus) * (bonus_to == "advantage"), bonus, bonus_to)
+    assert (np.abs(adv).max() < 1e-9) == expected

@@ -139,6 +139,34 @@ def test_mixed_batch_rows_and_clips(toy, monkeypatch):
     assert len(keep) == 4 * G and sub.input_ids.shape[0] == sub_ids.shape[0] == 4 * G
 
 
+@pytest.mark.parametrize("filtering", [False, True])
+def test_filter_groups_drops_the_groups_without_advantage(toy, monkeypatch, filtering):
+    """Two video prompts: group 0's ordered answers are all wrong (zero advantages), group 1's mixed. Under
+    filter_groups the update keeps group 1's G rows only, and a step whose groups are all uniform trains on the
+    placeholder; groups_uniform is logged either way."""
+    monkeypatch.setattr(tgrpo, "max_new_tokens", 3)
+    monkeypatch.setattr(tgrpo, "filter_groups", filtering)
+    net, tok, records = load_examples(toy, ["video"], 2)
+    out = tgrpo.rollout(net, records, tok, 0, "cpu")
+    G, Gs = tgrpo.num_generations, tgrpo.num_contrast
+    right = records[1]["process"] + records[1]["solution"]
+    wrong = "<think>x</think><answer>zzz</answer>"
+    # rows: G ordered, Gs shuffled of prompt 0, then of prompt 1
+    texts = [wrong] * (G + Gs) + [right] * (G // 2) + [wrong] * (G // 2 + Gs)
+    scores = tgrpo.score(out.examples, out.rows, texts, [3] * len(texts))
+    assert scores.uniform == [1.0, 0.0]
+    assert tgrpo.step_stats(scores, out.rows, [3] * len(texts))["groups_uniform"] == [1.0, 0.0]
+    chosen = tgrpo.update_batch(net, out, scores, "cpu")
+    kept = tgrpo.ordered_rows(out.rows)
+    if filtering:
+        kept = [b for b in kept if out.rows[b].prompt == 1]
+    assert torch.equal(chosen.ids, out.ids[kept]) and not chosen.placeholder
+    assert chosen.advantages.tolist() == pytest.approx(scores.advantages[kept].tolist())
+
+    all_wrong = tgrpo.score(out.examples, out.rows, [wrong] * len(texts), [3] * len(texts))
+    assert tgrpo.update_batch(net, out, all_wrong, "cpu").placeholder == filtering
+
+
 def test_zero_variance_groups_give_zero_advantages_and_finite_loss(toy):
     net, tok, records = load_examples(toy, ["video"], 1)
     record = records[0]

@@ -70,13 +70,19 @@ bonus_to = "reward"         # where r_t goes: "reward" (eq. 2, paper) or "advant
 scale_rewards = True        # eq. 3 divides by the group's std; False: A_i = R_i - mean R (Dr. GRPO)
 length_bonus = False        # the paper's +0.2 for correct responses of 320-512 tokens
 length_rule = "paper"       # "official": only when >= 2 responses of the group are correct
-beta = 0.04                 # KL weight (paper)
+# True: groups whose responses all earn the same reward (zero advantages: they teach nothing) are
+# dropped from the update, as DAPO, EasyR1 and OneThinker do (no resampling); logged as
+# groups_dropped. A rank left without rows trains on a placeholder at zero loss
+filter_groups = False
+beta = 0.04                 # KL weight (paper); 0: no reference model and no reference pass
 epsilon = 0.2               # PPO clip range
 num_iterations = 1          # updates per rollout batch; > 1 makes the clip act
 loss_norm = "sequence"      # "sequence" (official) or "token"
 max_new_tokens = 64         # paper scale: 768
 # a longer prompt is a bad record (synthetic prompts: <= 250; paper scale 16384)
 max_prompt_tokens = 1024
+# data.PROMPT_STYLES: "" -> the one init_from was trained with (sft.py saves it), else "reasoning"
+prompt_style = ""
 temperature = 1.0           # rollout sampling (the loss's log-probs stay at 1: DETAILS.md)
 top_p = 1.0
 lr = 5e-5                   # paper scale: 1e-6
@@ -118,7 +124,7 @@ dist_timeout = 900
 # a resume keeps these (common.check_resume): the data stream, the start (the KL reference) and
 # the form of the saved state
 RUN_KEYS = ("init_from", "data_dir", "train_json", "media_root", "seed", "batch_size",
-            "num_generations", "num_contrast", "deepspeed",
+            "num_generations", "num_contrast", "prompt_style", "deepspeed",
             "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_merger")
 # config files and --key=value from the command line (a test or bench.py importing this: defaults)
 argv = sys.argv[1:] if __name__ == "__main__" else []
@@ -128,6 +134,7 @@ choices = dict(temporal_rule=tuple(rewards.RULES),
                contrast_timestamps=data.CONTRAST_TIMESTAMPS,
                loss_norm=("sequence", "token"),
                attn=model.ATTENTION,
+               prompt_style=("", *data.PROMPT_STYLES),
                batch_size=range(1, 2**16),
                num_generations=range(2, 2**16))
 config = common.configure(globals(), argv, choices)
@@ -162,8 +169,11 @@ def rollout(policy, records, tokenizer, step, device):
     contrast_rng = None
     if num_contrast:
         contrast_rng = rng
-    fam = family.of(model.unwrap(policy).config)
-    examples, skipped = data.load_examples(records, tokenizer, config, contrast_rng, fam)
+    net_config = model.unwrap(policy).config
+    fam = family.of(net_config)
+    style = data.prompt_style(config["prompt_style"], getattr(net_config, "prompt_style", None))
+    examples, skipped = data.load_examples(records, tokenizer, config | {"prompt_style": style},
+                                           contrast_rng, fam)
 
     # the rows: G see the clip in order, G~ the shuffled one; a clip is encoded once for its rows
     clips = []
@@ -249,6 +259,7 @@ class Scores(NamedTuple):
     bonus_granted_mixed: list
     credit: list                # per ordered row of a video group: its credit (temporal_credit)
     advantage_change: list      # per prompt: the mean |A_i - A_i without r_t| (rewards.advantages)
+    uniform: list               # per prompt: 1.0 where its advantages are all 0, else 0.0
 
 
 def score(examples, rows, texts, lengths, credit=None):
@@ -271,6 +282,7 @@ def score(examples, rows, texts, lengths, credit=None):
     bonus_granted_mixed = []
     credits = []
     advantage_change = []
+    uniform = []
     for i, example in enumerate(examples):
         group = [b for b, row in enumerate(rows) if row == Row(i, False)]
         if length_bonus:
@@ -305,8 +317,10 @@ def score(examples, rows, texts, lengths, credit=None):
         # R_i of eq. 2, logged the same way wherever the bonus goes
         total[group] = base + bonus[group]
         advantage_change.append(change)
-    return Scores(accuracy, fmt, length, bonus, total, advantages,
-                  p, p_contrast, bonus_granted, bonus_granted_mixed, credits, advantage_change)
+        no_advantage = rewards.carries_no_advantage(total[group], bonus[group], bonus_to)
+        uniform.append(float(no_advantage))
+    return Scores(accuracy, fmt, length, bonus, total, advantages, p, p_contrast, bonus_granted,
+                  bonus_granted_mixed, credits, advantage_change, uniform)
 
 
 class UpdateBatch(NamedTuple):
@@ -318,17 +332,20 @@ class UpdateBatch(NamedTuple):
     placeholder: bool          # True: no response of this rank, a placeholder row at zero loss
 
 
-def update_batch(policy, out, advantages, device):
-    """The ordered rows of a rollout, with their advantages A_i: the loss never sees a contrast row.
+def update_batch(policy, out, scores, device):
+    """The ordered rows of a rollout, with their advantages A_i: the loss never sees a contrast row;
+    under filter_groups, neither a row of a group whose advantages are all zero (scores.uniform).
 
     A rank whose records all failed has no rows. It trains on a placeholder row instead, at zero
     advantage and zero loss, so that its collectives (the gradient average, ZeRO's gathers) stay in
     step with the other ranks'; `placeholder` tells the log that its loss measures nothing."""
     keep = ordered_rows(out.rows)
+    if filter_groups:
+        keep = [b for b in keep if not scores.uniform[out.rows[b].prompt]]
     if not keep:
         batch, ids, mask = lifecycle.placeholder_batch(policy, device)
         return UpdateBatch(batch, ids, mask, torch.zeros(1, device=device), placeholder=True)
-    advantages = torch.tensor(advantages[keep], dtype=torch.float32, device=device)  # (N,)
+    advantages = torch.tensor(scores.advantages[keep], dtype=torch.float32, device=device)  # (N,)
     return UpdateBatch(out.batch.select(keep), out.ids[keep], out.mask[keep], advantages,
                        placeholder=False)
 
@@ -412,6 +429,7 @@ def step_stats(scores, rows, lengths):
     (contrast rows too). Every list is empty on a rank without rollouts."""
     ordered = ordered_rows(rows)
     stats = {"p": scores.p,
+             "groups_uniform": scores.uniform,
              "p_contrast": scores.p_contrast,
              "bonus_granted": scores.bonus_granted,
              "bonus_granted_mixed": scores.bonus_granted_mixed,
@@ -458,6 +476,7 @@ if __name__ == "__main__":
     # run.json keeps the checkpoint `latest` named at the start: a resume starts from (and keeps
     # the KL reference of) that one, not the one `latest` names by then (an SFT run went on)
     config["init_from"] = init
+    lifecycle.resolve_prompt_style(config, init)
     # consumed: records all ranks have read before `start` (the stream position, on any rank count)
     started = lifecycle.start_training(config, init, device, RUN_KEYS)
     policy, tokenizer, opt, start, consumed = started
@@ -469,7 +488,8 @@ if __name__ == "__main__":
         ref = lifecycle.frozen_reference(init, policy, deepspeed, attn)
     common.print0(f"T-GRPO from {init}: {len(train)} prompts ({bad} bad skipped), "
                   f"temporal={temporal} rule={temporal_rule}, "
-                  f"G={num_generations} G~={num_contrast}, start at step {start}")
+                  f"G={num_generations} G~={num_contrast}, prompt {config['prompt_style']}, "
+                  f"start at step {start}")
     log = common.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
     samples = common.open_log(os.path.join(out_dir, "samples.jsonl"), start)
     stop = max_steps
@@ -503,7 +523,7 @@ if __name__ == "__main__":
         scores = score(out.examples, out.rows, texts, lengths, credit)
 
         # select the ordered rows, their prompts sharing clips (a rank without data: a placeholder)
-        chosen = update_batch(policy, out, scores.advantages, device)
+        chosen = update_batch(policy, out, scores, device)
 
         # update
         policy.train()
@@ -517,9 +537,13 @@ if __name__ == "__main__":
         local = {key: mean(values) for key, values in step_stats(scores, out.rows, lengths).items()}
         local |= update
         local["skipped"] = float(out.skipped)
+        # the groups left out of this update (filter_groups), counted over ranks
+        local["groups_dropped"] = 0.0
+        if filter_groups:
+            local["groups_dropped"] = float(sum(scores.uniform))
         local["rollout_tokens_per_s"] = float(sum(lengths)) / rollout_time
         local["credit_time"] = credit_time
-        summed = ("skipped", "rollout_tokens_per_s")
+        summed = ("skipped", "rollout_tokens_per_s", "groups_dropped")
         metrics = {"step": step + 1, **common.mean_over_ranks(local, device, sums=summed)}
         metrics["lr"] = lr_now
         metrics["step_time"] = time.time() - t0
