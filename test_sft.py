@@ -412,3 +412,36 @@ def test_a_stalled_rank_fails_the_run_after_dist_timeout(toy, tmp_path):
     code, output = run_script("sft.py", *args, nproc=2, before=RANK_1_STALLS, timeout=240)
     assert code != 0 and "Timed out waiting 5000ms" in output, output[-3000:]
     assert time.time() - start < 150
+
+
+def test_the_prompt_style_travels_with_the_checkpoints(toy, tmp_path):
+    """The tiny model is made for the toy's short prompt: SFT takes it from there and saves it, T-GRPO and eval take
+    it from the SFT checkpoint, and a prompt other than the model's own is used only when asked, and said."""
+    stdout = run_sft(toy, tmp_path / "sft", "--max_steps=2")
+    assert "prompt short" in stdout
+    sft_ckpt = tmp_path / "sft" / "step_000002"
+    assert json.load(open(sft_ckpt / "config.json"))["prompt_style"] == "short"
+    assert json.load(open(sft_ckpt / "run.json"))["config"]["prompt_style"] == "short"
+    for asked, style in (("", "short"), ("reasoning", "reasoning")):
+        out_dir = tmp_path / f"tgrpo_{style}"
+        code, output = run_script("tgrpo.py", f"--data_dir={toy[0]}", f"--init_from={tmp_path / 'sft'}",
+                                  f"--out_dir={out_dir}", "--max_steps=1", "--batch_size=1", "--num_generations=2",
+                                  "--num_contrast=1", "--max_new_tokens=2", f"--prompt_style={asked}")
+        assert code == 0, output[-3000:]
+        assert f"prompt {style}" in output
+        assert ("note: prompt_style 'reasoning' as asked" in output) == (style == "reasoning")
+        assert json.load(open(out_dir / "step_000001" / "config.json"))["prompt_style"] == style
+    code, output = run_script("eval.py", f"--model_path={tmp_path / 'sft'}", f"--data={toy[0]}/eval.json",
+                              f"--out_dir={tmp_path / 'eval'}", "--max_new_tokens=2", "--batch_size=16")
+    assert code == 0, output[-3000:]
+    assert json.load(open(tmp_path / "eval" / "run.json"))["prompt_style"] == "short"
+
+
+def test_a_released_model_gets_the_reasoning_template(tmp_path):
+    """A folder whose config.json names no prompt_style (a released Qwen checkpoint): the paper's template."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    config = {"prompt_style": ""}
+    assert lifecycle.resolve_prompt_style(config, str(tmp_path)) == "reasoning" == config["prompt_style"]
+    assert lifecycle.resolve_prompt_style({"prompt_style": "short"}, str(tmp_path)) == "short"
+    assert data.question_text({"problem": "Q?", "problem_type": "numerical"}, "short") == (
+        "Q?\nThink between <think> and </think>, then answer between <answer> and </answer>. Answer with a number.")
