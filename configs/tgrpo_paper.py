@@ -10,6 +10,7 @@ batch_size = 1                     # prompts per GPU, as in the paper; any value
 num_generations = 8
 num_contrast = 4
 max_new_tokens = 768
+temperature = 1.0                  # rollout sampling, as the paper (the toy's default is 0.7)
 max_prompt_tokens = 16384          # 16 frames x 128 tokens + the question: ~2.2k; longer is a bad record
 lr = 1e-6
 min_lr_ratio = 0.0                 # cosine to 0, as the official scripts
