@@ -4,14 +4,14 @@
 # (eq. 2-3), T-GRPO with the bonus added to the advantages, T-GRPO and GRPO without the std division (Dr. GRPO),
 # T-GRPO with the strict contrast (no bonus on ties) and with the response-level temporal credit. Every model, the
 # SFT one included, is evaluated with the shuffled-frame diagnostic on DATA's eval set; plot.py draws the curves and
-# the table (README, "Does T-GRPO teach temporal reasoning?").
+# the table (RESULTS.md, "Does the temporal reward help?").
 #   python synthetic.py out/synthetic_big --n_rl=2000 --n_eval=2000                    # once: 2,000 RL, 2,000 eval
 #   python sft.py --data_dir=out/synthetic_big --max_steps=1000 --out_dir=out/sft1000  # once: a short SFT
 #   bash compare.sh [out/compare] ["0 1 2"]
 # Environment: STEPS=1800 LR=5e-5 TEMP=0.7 TOKENS=96 SFT=out/sft1000 DATA=out/synthetic_big JOBS=2
-# STEPS: 1,800 is where plain GRPO beats this SFT start by 5 points over 3 seeds (README); all 21 runs then take about
+# STEPS: 1,800 is where plain GRPO beats this SFT start by 5 points over 3 seeds (RESULTS.md); all 21 runs then take about
 # 9 hours on 2 cores. STEPS=200 runs the comparison in about 70 minutes, where GRPO has not yet learnt.
-# METHODS="grpo ..." (a subset). TEMP: rollout temperature (README: what was tried, and why these).
+# METHODS="grpo ..." (a subset). TEMP: rollout temperature (RESULTS.md: what was tried, and why these).
 # TOKENS: rollout length; at tgrpo.py's 64 every describe and change_time answer (65-73 tokens) is cut before its
 # </answer> and scores 0. The quick start's out/synthetic (400 eval records) keeps its README figures; the comparison
 # needs the larger eval (2,000 records, 1,400 temporal videos: a binomial error of 1.3 points or less, not 3).

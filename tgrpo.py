@@ -23,7 +23,7 @@ Departures, each a config value or fixed, with the official code's choices: DETA
 official code". Eq. 4 runs per token, as GRPO/TRL and the official code do: the paper's one ratio
 per sequence, a product of hundreds, would saturate the clip on long responses. With 0/1
 accuracies and one format reward per group eq. 3's std division cancels the bonus
-(tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
+(tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (DETAILS.md).
 """
 import contextlib
 import os
@@ -525,7 +525,7 @@ if __name__ == "__main__":
         metrics["step_time"] = time.time() - t0
         metrics["skipped_at_load"] = bad
         skipped_total += metrics["skipped"]
-        # this rank's peak so far, to check a memory plan against (README)
+        # this rank's peak so far, to check a memory plan against (RESULTS.md)
         if torch.cuda.is_available():
             metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         common.log_metrics(log, metrics, (step + 1) % log_interval == 0)
