@@ -17,6 +17,12 @@ CORPUS = ["<think>In the first frames the red square is at the left. So it moves
           "</answer> tags."]
 
 
+def pytest_configure(config):
+    """The `slow` marker: the tests that `python -m pytest -m "not slow"` (the fast loop) leaves
+    out; CI runs them all."""
+    config.addinivalue_line("markers", "slow: multi-process, DeepSpeed, script runs, over ~2 s")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return synthetic.build_tokenizer(CORPUS * 4)

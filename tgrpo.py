@@ -93,6 +93,9 @@ max_pixels = 128 * 28 * 28
 total_pixels = 0            # the clip's pixel budget (Qwen3-VL's qwen-vl-utils rule); 0: none
 skip_bad = False            # True: a bad record, clip or prompt is skipped and counted
 log_interval = 1
+wandb_log = False           # True: the metrics also go to Weights & Biases (pip install wandb)
+wandb_project = "video-r1-nano"
+wandb_run_name = "tgrpo"
 sample_interval = 10        # print and save a few episodes every N steps
 ckpt_interval = 60
 resume = False
@@ -472,6 +475,7 @@ if __name__ == "__main__":
                   f"G={num_generations} G~={num_contrast}, start at step {start}")
     log = common.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
     samples = common.open_log(os.path.join(out_dir, "samples.jsonl"), start)
+    wandb = common.open_wandb(config)  # None unless wandb_log (rank 0)
     stop = max_steps
     if run_steps:
         stop = min(max_steps, start + run_steps)
@@ -528,7 +532,7 @@ if __name__ == "__main__":
         # this rank's peak so far, to check a memory plan against (RESULTS.md)
         if torch.cuda.is_available():
             metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        common.log_metrics(log, metrics, (step + 1) % log_interval == 0)
+        common.log_metrics(log, metrics, (step + 1) % log_interval == 0, wandb)
         if log and (step + 1) % sample_interval == 0:
             log_samples(samples, step + 1, out, texts, scores)
 
