@@ -1,6 +1,6 @@
-"""Speed, our way against the official code's, in one run (README: "Speed", "GPU check");
---memory=True instead: peak RSS of one T-GRPO step, full fine-tuning against LoRA (README: "Fewer
-GPUs").
+"""Speed, our way against the official code's, in one run (RESULTS.md: "How fast?", "The GPU
+check"); --memory=True instead: peak RSS of one T-GRPO step, full fine-tuning against LoRA
+(RESULTS.md: "How much memory?").
 
     python bench.py                        # the tiny model (out/tiny-qwen2.5-vl) or --model_path
     python bench.py configs/bench_gpu.py   # one GPU: Qwen2.5-VL-7B from its config, random bf16

@@ -420,11 +420,24 @@ def open_log(path, step):
     return open(path, "a", buffering=1)  # line-buffered: each line goes out whole as it is written
 
 
-def log_metrics(log, metrics, show):
-    """A step's metrics (or a sample episode) as one line of open_log's `log` (rank 0), printed when
-    `show`."""
+def open_wandb(config):
+    """Weights & Biases on rank 0 when config's wandb_log is on (else None): log_metrics then sends
+    it every metrics line too. wandb is imported only here (pip install wandb; WANDB_MODE=offline
+    writes the run to ./wandb without a network)."""
+    if not config["wandb_log"] or RANK != 0:
+        return None
+    import wandb
+    wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=config)
+    return wandb
+
+
+def log_metrics(log, metrics, show, wandb=None):
+    """A step's metrics (or a sample episode) as one line of open_log's `log` (rank 0), also to
+    open_wandb's `wandb` when given, printed when `show`."""
     if log:
         log.write(json.dumps(metrics) + "\n")
+    if wandb:
+        wandb.log(metrics)
     if show:
         # floats to 4 significant digits, anything else as it is
         fields = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -17,6 +17,16 @@ CORPUS = ["<think>In the first frames the red square is at the left. So it moves
           "</answer> tags."]
 
 
+def pytest_configure(config):
+    """The `slow` marker: the tests that `python -m pytest -m "not slow"` (the fast loop) leaves
+    out; CI runs them all."""
+    config.addinivalue_line("markers", "slow: multi-process, DeepSpeed, script runs, over ~2 s")
+    # one CPU thread in this process, as the scripts run (threads = 1): the tiny models gain nothing
+    # from more, and on 2 cores shared with other jobs, test_decode.py and test_model.py's fast tests
+    # took 53 s on two threads against 7 s on one
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return synthetic.build_tokenizer(CORPUS * 4)

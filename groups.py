@@ -8,8 +8,8 @@ rewards.accuracy_reward as tgrpo.py scores them.
 A group's advantages are zero unless its responses differ in reward, so RL learns only from mixed
 groups (some responses correct, some not). And a mixed group teaches the model to look at the clip
 only where WHICH response is correct depends on the clip: a model that guesses makes mixed groups
-too, whose advantages reward a guess. Per group of records it prints (README, "Does T-GRPO teach
-temporal reasoning?"):
+too, whose advantages reward a guess. Per group of records it prints (RESULTS.md, "What RL learns
+from"):
   sampled  mean accuracy of the sampled responses (tgrpo.py's training accuracy)
   other    their mean accuracy against the answer of another record of the same group: what the
            responses score where the clip is not theirs; sampled - other is what the clip adds (with

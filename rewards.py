@@ -210,7 +210,7 @@ def advantages(base_rewards, bonus, bonus_to="reward", scale=True, eps=ADV_EPS):
     """A of one group of ordered responses, and the mean |A - A without the bonus|. base_rewards:
     accuracy + format (+ length); bonus: temporal_bonus's. bonus_to="reward" (eq. 2-3):
     A = norm(base + bonus); "advantage" (the paper's alternative): norm(base) + bonus. Why "reward"
-    moves A by ~0: README, "Does T-GRPO teach temporal reasoning?"."""
+    moves A by ~0: DETAILS.md, "A worked example: rewards to advantages"."""
     if bonus_to not in BONUS_TO:
         raise ValueError(f"unknown bonus_to {bonus_to!r}; expected one of {BONUS_TO}")
     base = np.asarray(base_rewards, dtype=np.float64)

@@ -58,6 +58,9 @@ skip_bad = False              # True: a bad record, clip or prompt is skipped an
 eval_interval = 100           # validation loss every N steps
 ckpt_interval = 500           # checkpoint every N steps (and at the end)
 log_interval = 50
+wandb_log = False             # True: the metrics also go to Weights & Biases (pip install wandb)
+wandb_project = "video-r1-nano"
+wandb_run_name = "sft"
 resume = False                # continue bit-exactly from out_dir/latest
 keep_checkpoints = 0          # the newest N checkpoints keep optimizer state; 0: all do
 keep_weights = True           # older checkpoints keep their HF weights (False: deleted)
@@ -187,6 +190,7 @@ if __name__ == "__main__":
                   f"{millions:.2f} M params, prompt {config['prompt_style']}, "
                   f"start at step {start}")
     log = common.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
+    wandb = common.open_wandb(config)  # None unless wandb_log (rank 0)
     net.train()
     stop = max_steps
     if run_steps:
@@ -237,7 +241,7 @@ if __name__ == "__main__":
             metrics["val_skipped"] = val_skipped
             net.train()
         show = (step + 1) % log_interval == 0 or "val_loss" in metrics
-        common.log_metrics(log, metrics, show)
+        common.log_metrics(log, metrics, show, wandb)
 
         # checkpoint
         if (step + 1) % ckpt_interval == 0 or step + 1 == stop:

@@ -1,6 +1,9 @@
 """bench.py runs: the speed ratios on the tiny model, and the GPU check's code path on CPU at small shapes."""
 import re
+import pytest
 from conftest import run_script
+
+pytestmark = pytest.mark.slow  # whole bench.py runs
 
 
 def test_gpu_check_runs_on_cpu_at_small_shapes():

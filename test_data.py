@@ -203,6 +203,7 @@ def test_smart_resize_defaults_and_aspect_limit():
         data.smart_resize(10, 2010)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_frames,max_pixels", [(16, 128 * 28 * 28), (64, 256 * 28 * 28)])
 def test_read_shared_video(max_frames, max_pixels):
     if not SHARED_VIDEO.exists():

@@ -124,6 +124,7 @@ def small_7b():
     return Qwen2_5_VLForConditionalGeneration(bench.config_7b(small=True)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_7b_shaped_model_generates_as_the_reference_loop(small_7b, tiny, temperature, monkeypatch):
     """GQA of 4 query heads over 2 key/value heads of width 128, mrope_section [16, 24, 24], 152,064 ids; prompts
@@ -207,6 +208,7 @@ def test_linear_weights_merge_only_active_adapters(tiny):
     assert M.linear_weights(plain)[0] is plain.weight
 
 
+@pytest.mark.slow
 def test_decode_step_compiles_whole(tiny):
     """torch.compile(fullgraph=True) fails on any graph break, so none can creep into the step unseen; the compiled
     step gives the eager step's logits, and generate(compile_step=True) its tokens."""

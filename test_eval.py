@@ -152,6 +152,7 @@ def test_frame_records_count_as_videos_in_the_shuffled_diagnostic(monkeypatch):
                                "shuffled": 0.5, "gap": 0.5}
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_mid_file(toy, shuffled_run, tmp_path):
     full_dir, full, _ = shuffled_run
     lines = open(full_dir / "results.rank0.jsonl").read().splitlines(keepends=True)
@@ -168,6 +169,7 @@ def test_resume_after_a_crash_mid_file(toy, shuffled_run, tmp_path):
     assert refused.returncode != 0 and "other settings" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_clip_or_long_prompt_is_a_counted_failure_alone(toy, tmp_path):
     data_dir, _ = toy
     records = json.load(open(os.path.join(data_dir, "eval.json")))[:6]
@@ -216,6 +218,7 @@ def test_out_of_memory_fails_its_batch_and_other_errors_rise(toy, monkeypatch):
         E.run_batch(net, tok, items, None, "cpu")
 
 
+@pytest.mark.slow
 def test_shuffled_diagnostic_per_family(toy, shuffled_run):
     full_dir, summary, stdout = shuffled_run
     records = json.load(open(os.path.join(toy[0], "eval.json")))
@@ -233,6 +236,7 @@ def test_shuffled_diagnostic_per_family(toy, shuffled_run):
     assert open(full_dir / "table.md").read() in stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(toy, shuffled_run, tmp_path):
     full_dir, full, _ = shuffled_run
     split, _ = run_eval(toy, tmp_path, "--shuffled=True", nproc=2)
@@ -241,6 +245,7 @@ def test_two_ranks_equal_one(toy, shuffled_run, tmp_path):
     assert results_by_key(tmp_path) == results_by_key(full_dir)  # identical responses, sample by sample
 
 
+@pytest.mark.slow
 def test_a_lora_adapter_folder_answers_as_its_merged_checkpoint(toy, tmp_path):
     """--model_path=step_N/adapter loads the base its adapter_config.json names, with the adapter merged in: the
     same answers as step_N itself, and other answers than the base."""

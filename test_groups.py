@@ -3,6 +3,7 @@ record's answer, mixed and rescue shares)."""
 import os
 
 import numpy as np
+import pytest
 
 import groups
 from conftest import run_script
@@ -51,6 +52,7 @@ def test_prompt_stats_by_hand():
     assert (mixed, rescue) == (1.0, 1.0)
 
 
+@pytest.mark.slow
 def test_script_prints_a_row_per_family_of_videos(toy):
     data_dir, model_path = toy
     code, out = run_script("groups.py", f"--model_path={model_path}",
@@ -70,6 +72,7 @@ def test_script_prints_a_row_per_family_of_videos(toy):
         assert abs(sampled - other - difference) < 0.11
 
 
+@pytest.mark.slow
 def test_a_record_without_the_field_is_named(toy):
     data_dir, model_path = toy
     code, out = run_script("groups.py", f"--model_path={model_path}",

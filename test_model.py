@@ -188,6 +188,7 @@ def logprobs_and_grads(net, batch, completion, mask, slices=8):
     return logp.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab):
     """The head and log-softmax run on slices of the tokens, each recomputed in backward: values and
     gradients equal one slice's, and no vocab-wide tensor is kept for backward (B x T x 152,064 fp32 logits were
@@ -214,6 +215,7 @@ def test_logprob_slices_equal_one_pass_at_the_real_vocabulary(real_vocab):
     assert max(widest) < config.text_config.vocab_size
 
 
+@pytest.mark.slow
 def test_placeholder_batch_runs_every_module_at_zero_gradient(real_vocab):
     """What a rank whose records all failed trains on: the vision tower and every layer run forward and backward
     (under ZeRO each is a collective the other ranks wait for), the loss and every gradient exactly 0."""

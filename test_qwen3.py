@@ -212,6 +212,7 @@ def run_tgrpo3(sft3, out_dir, *args, nproc=1):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timestamps", data.CONTRAST_TIMESTAMPS)
 def test_tgrpo_and_eval_run_the_tiny_qwen3_end_to_end(sft3, tmp_path, timestamps):
     """SFT (the fixture), then T-GRPO from its folder and eval of T-GRPO's: the family comes from the folders alone."""
@@ -250,11 +251,13 @@ def test_contrast_keeps_timestamps_in_order_unless_told(toy, tiny3):
     assert shuffled[3] != prompt
 
 
+@pytest.mark.slow
 def test_two_process_zero3_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
     metrics = run_tgrpo3(sft3, tmp_path, "--deepspeed=configs/ds_zero3.json", nproc=2)
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics) and metrics[-1]["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_qwen3_8b_shapes_on_cpu_small():
     """bench.py's GPU check with Qwen3-VL-8B's architecture made narrow (its vocabulary, ids, interleaved M-RoPE,
     DeepStack, timestamped blocks): every measurement prints, and the vision-once log-probs equal transformers'."""
@@ -281,6 +284,7 @@ def test_qwen3_configs_apply_to_their_scripts():
         assert config["total_pixels"] == 1024 * 32 * 32 and config["max_frames"] == 16
 
 
+@pytest.mark.slow
 def test_lora_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
     """LoRA adapters on the Qwen3 text layers (q/k norms untouched), decoded from merged copies."""
     metrics = run_tgrpo3(sft3, tmp_path, "--lora_rank=4", "--lora_alpha=8")

@@ -81,6 +81,7 @@ def metrics_of(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [(), ("--lora_rank=4",)])
 def test_resume_is_bit_exact(toy, tmp_path, lora):
     stdout = run_sft(toy, tmp_path / "straight", "--resume=True", *lora)  # nothing to resume: said, then from step 0
@@ -121,6 +122,7 @@ def test_configurator_rejects_unknown_keys_and_wrong_types(tmp_path):
             raise AssertionError(f"{bad} accepted")
 
 
+@pytest.mark.slow
 def test_skips_of_every_cause_are_counted(toy, tmp_path):
     """skip_bad: a record without `process` (at load) and a missing clip (in a step) are skipped, each counted in
     metrics.jsonl and in the final line."""
@@ -158,6 +160,7 @@ def test_disk_full_during_a_checkpoint(tiny, tmp_path, monkeypatch):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 def test_bad_config_and_data_fail_before_any_model_loads(tmp_path):
     """Each case runs a script's __main__ with lifecycle.load_model refused: the error must come from the config or the
     data check, never from a model that was loaded first."""
@@ -202,6 +205,7 @@ RANK_1_DRIFTS = ON_RANK_1 + ("import common\n    step = common.Optimizer.step\n"
                              "    common.Optimizer.step = drift")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drift", [False, True])
 def test_two_plain_torch_ranks_keep_equal_weights(toy, tmp_path, drift):
     """2 ranks without DeepSpeed average gradients by hand (common.Optimizer.step), so their weights stay equal bit
@@ -213,6 +217,7 @@ def test_two_plain_torch_ranks_keep_equal_weights(toy, tmp_path, drift):
     assert (code != 0 and "ranks out of sync at step 2" in output) if drift else code == 0, output[-3000:]
 
 
+@pytest.mark.slow
 def test_zero2_rank_whose_clips_all_fail_still_steps(toy, tmp_path):
     """2 ranks under ZeRO-2 with skip_bad, every clip of rank 1 failing: that rank runs forward and backward on a
     placeholder row at zero loss, so DeepSpeed's reduction and step, which need every rank, go through (without
@@ -248,6 +253,7 @@ def accumulated(toy, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_adds_up_micro_batches_as_plain_torch(accumulated, zero):
     """Each micro-batch's backward adds to the step's gradient (DeepSpeed used to keep only the last one's: every
@@ -262,6 +268,7 @@ def test_deepspeed_adds_up_micro_batches_as_plain_torch(accumulated, zero):
     assert all(torch.allclose(a[k], b[k].float(), rtol=0, atol=1e-4) for k in a)
 
 
+@pytest.mark.slow
 def test_deepspeed_step_folders_load_as_checkpoints(accumulated):
     """DeepSpeed wrote its own `latest` inside step_N, so --init_from=out/x/step_N resolved to step_N/deepspeed."""
     for name in ("zero2", "zero3"):
@@ -271,6 +278,7 @@ def test_deepspeed_step_folders_load_as_checkpoints(accumulated):
         lifecycle.load_model(C.latest_checkpoint(step_dir) or step_dir, "cpu")
 
 
+@pytest.mark.slow
 def test_older_checkpoints_keep_only_their_weights(accumulated):
     for name, state in (("plain", "optimizer.pt"), ("zero2", "deepspeed"), ("zero3", "deepspeed")):
         run_dir = accumulated[name][0]
@@ -322,6 +330,7 @@ def records_read(path):
     return sorted(json.loads(line) for line in open(path))
 
 
+@pytest.mark.slow
 def test_two_ranks_resumed_on_one_read_the_records_of_an_uninterrupted_run(toy, tmp_path):
     """2 ranks for 2 steps, then resumed on 1 rank: the data position is the records all ranks consumed (run.json),
     so the stream goes on where it stopped: no record read twice, none skipped (it was step x ranks: records 8-15
@@ -354,6 +363,7 @@ def test_two_ranks_resumed_on_one_read_the_records_of_an_uninterrupted_run(toy, 
     assert resumed == records_read(tmp_path / "straight.log")
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_what_defines_the_run_and_notes_other_changes(toy, tmp_path):
     """Each case runs sft.py with lifecycle.load_model refused, on a 1-step checkpoint: a resume with another value of
     a run-defining key (the data order, the kind of run: DeepSpeed or LoRA, whose state the checkpoint holds in
@@ -404,6 +414,7 @@ RANK_1_STALLS = ON_RANK_1 + ("import time, data\n    load = data.load_examples\n
                              "        return load(*args, **kwargs)\n    data.load_examples = stall")
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_fails_the_run_after_dist_timeout(toy, tmp_path):
     """Rank 1 stalls reading its third batch (step 2) under ZeRO-2: rank 0 waits in DeepSpeed's gradient all-reduce,
     on a group DeepSpeed made itself, and the run fails after dist_timeout (5 s), not gloo's default 30 min."""

@@ -202,6 +202,7 @@ def test_change_frame_is_the_first_of_the_new_colour(task, family):
         assert float(answer_of(r)) == (k if family == "change" else (k - 1) / 2)  # generated at 2 fps
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     args = [sys.executable, "synthetic.py", str(tmp_path), "--n_sft", "2", "--n_rl", "2", "--n_eval", "3"]
     out = subprocess.run(args, cwd=os.path.dirname(os.path.abspath(synthetic.__file__)), capture_output=True, text=True)

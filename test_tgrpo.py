@@ -294,6 +294,7 @@ def run_tgrpo(toy, out_dir, *args, nproc=1, rl_json=None, stdout=None, before=""
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(toy, tmp_path):
     straight = run_tgrpo(toy, tmp_path / "a")
     run_tgrpo(toy, tmp_path / "b", "--run_steps=2")
@@ -322,6 +323,7 @@ def test_resume_is_bit_exact(toy, tmp_path):
     assert f"resuming {ckpt} with changed settings: max_steps 4 -> 6, lr 0.001 -> 0.002" in notes
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_a_start_whose_latest_has_moved(toy, tmp_path):
     """init_from names an SFT run folder; run.json keeps the checkpoint its `latest` named at the start, so a resume
     after the SFT run went on (latest moved) is refused, and resuming with that checkpoint's path is taken."""
@@ -341,6 +343,7 @@ def test_a_resume_refuses_a_start_whose_latest_has_moved(toy, tmp_path):
     assert lines[1] == f"tgrpo.py --init_from={pinned} -> SystemExit a model was loaded"
 
 
+@pytest.mark.slow
 def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
     data_dir, _ = toy
     records = json.load(open(os.path.join(data_dir, "rl.json")))
@@ -368,6 +371,7 @@ def test_a_clip_that_fails_mid_run_is_skipped_and_counted(toy, tmp_path):
         run_tgrpo(toy, tmp_path / "strict", "--max_steps=24", "--run_steps=12", "--seed=1", rl_json=rl_json)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["configs/ds_zero2.json", "configs/ds_zero3.json", "configs/ds_zero3_offload.json"])
 def test_two_process_deepspeed_runs_stay_in_sync(rl_ready, tmp_path, zero):
     """2 ranks under gloo (conftest checks that the ranks' weights stay equal). ZeRO-3 with parameters and optimizer
@@ -379,6 +383,7 @@ def test_two_process_deepspeed_runs_stay_in_sync(rl_ready, tmp_path, zero):
     assert trained.keys() == start.keys() and any(not torch.equal(trained[k].float(), start[k].float()) for k in start)
 
 
+@pytest.mark.slow
 def test_policy_old_policy_and_reference_share_one_precision(toy, monkeypatch):
     """Under bf16 autocast (CPU here, as on a GPU), before any update the KL to an identical reference is exactly 0
     and the ratio exactly 1: all three log-prob passes run in the same regime."""
@@ -406,6 +411,7 @@ def test_correct_threshold_decides_the_length_bonus_too(monkeypatch):
         assert stats["length_bonus"] == [paid, 0.0]
 
 
+@pytest.mark.slow
 def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
     config = {k: v for k, v in vars(tgrpo).items()}
     tgrpo.common.configure(config, ["configs/tgrpo_paper.py", "configs/tgrpo_official.py"],
@@ -441,6 +447,7 @@ def test_the_bonus_acts_only_in_the_variants_on_binary_groups(monkeypatch, bonus
 RANK_1_STOPS_AT_ONCE = ON_RANK_1 + "import model; model.stop_ids = lambda tokenizer: list(range(len(tokenizer)))"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank_1", [RANK_1_STOPS_AT_ONCE, RANK_1_CLIPS_FAIL], ids=["stops_at_once", "clips_fail"])
 def test_zero3_ranks_out_of_step_in_the_rollout(toy, tmp_path, rank_1):
     """ZeRO-3 with every weight partitioned, 2 ranks whose rollouts differ: rank 1's rows all stop at their first
@@ -460,6 +467,7 @@ def test_zero3_ranks_out_of_step_in_the_rollout(toy, tmp_path, rank_1):
         assert [m["skipped"] for m in metrics] == [2, 2] and all(m["response_length"] > 1 for m in metrics)
 
 
+@pytest.mark.slow
 def test_paper_config_runs_without_torchrun(toy, tmp_path):
     """`python tgrpo.py configs/tgrpo_paper.py` in one process: every key of the paper config exists, and DeepSpeed
     ZeRO-3 gets a 1-process group rather than looking for MPI. Only the data, model and sizes are the tiny ones."""
@@ -530,6 +538,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(toy, monk
         assert (reference - M.completion_logprobs(net, batch, ids, mask)).abs().max() > 1e-3  # adapters on: not it
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch, tmp_path):
     net, tok, (batch, ids, mask) = lora_model_and_rollout(toy, monkeypatch)
     g = torch.Generator().manual_seed(0)
@@ -549,6 +558,7 @@ def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch,
         torch.testing.assert_close(logprobs(eval_model), policy, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,extra", [(1, ()), (2, ("--deepspeed=configs/ds_zero2.json",))])
 def test_lora_resume_is_bit_exact(rl_ready, tmp_path, nproc, extra):
     """A LoRA run resumed from its adapter (on the base it started from) and optimizer state continues bit-exactly."""
@@ -564,6 +574,7 @@ def test_lora_resume_is_bit_exact(rl_ready, tmp_path, nproc, extra):
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in a.items())
 
 
+@pytest.mark.slow
 def test_lora_under_zero3_equals_zero2(rl_ready, tmp_path):
     """ZeRO-3 partitions the frozen base too (here every weight: persistence threshold 0), and checkpointed layers
     and head slices recompute with it gathered again. With gradient checkpointing, the first update's loss, KL and

@@ -23,7 +23,7 @@ Departures, each a config value or fixed, with the official code's choices: DETA
 official code". Eq. 4 runs per token, as GRPO/TRL and the official code do: the paper's one ratio
 per sequence, a product of hundreds, would saturate the clip on long responses. With 0/1
 accuracies and one format reward per group eq. 3's std division cancels the bonus
-(tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (README).
+(tulerfeng/Video-R1 #51): bonus_to="advantage" or scale_rewards=False lets it act (DETAILS.md).
 """
 import contextlib
 import os
@@ -103,6 +103,9 @@ max_pixels = 128 * 28 * 28
 total_pixels = 0            # the clip's pixel budget (Qwen3-VL's qwen-vl-utils rule); 0: none
 skip_bad = False            # True: a bad record, clip or prompt is skipped and counted
 log_interval = 1
+wandb_log = False           # True: the metrics also go to Weights & Biases (pip install wandb)
+wandb_project = "video-r1-nano"
+wandb_run_name = "tgrpo"
 sample_interval = 10        # print and save a few episodes every N steps
 ckpt_interval = 60
 resume = False
@@ -496,6 +499,7 @@ if __name__ == "__main__":
                   f"start at step {start}")
     log = common.open_log(os.path.join(out_dir, "metrics.jsonl"), start)
     samples = common.open_log(os.path.join(out_dir, "samples.jsonl"), start)
+    wandb = common.open_wandb(config)  # None unless wandb_log (rank 0)
     stop = max_steps
     if run_steps:
         stop = min(max_steps, start + run_steps)
@@ -553,10 +557,10 @@ if __name__ == "__main__":
         metrics["step_time"] = time.time() - t0
         metrics["skipped_at_load"] = bad
         skipped_total += metrics["skipped"]
-        # this rank's peak so far, to check a memory plan against (README)
+        # this rank's peak so far, to check a memory plan against (RESULTS.md)
         if torch.cuda.is_available():
             metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        common.log_metrics(log, metrics, (step + 1) % log_interval == 0)
+        common.log_metrics(log, metrics, (step + 1) % log_interval == 0, wandb)
         if log and (step + 1) % sample_interval == 0:
             log_samples(samples, step + 1, out, texts, scores)
 

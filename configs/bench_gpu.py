@@ -1,4 +1,4 @@
-# The GPU check at paper shapes (README, "GPU check"): python bench.py configs/bench_gpu.py
+# The GPU check at paper shapes (RESULTS.md, "The GPU check"): python bench.py configs/bench_gpu.py
 random_7b = "full"
 height = 224                       # 224 x 448 = 128*28*28 pixels a frame, the paper's training frames
 width = 448

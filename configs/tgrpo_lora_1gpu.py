@@ -1,4 +1,4 @@
-# T-GRPO on Qwen2.5-VL-7B with LoRA on ONE 80 GB GPU, on top of the paper config (README: "Fewer GPUs"):
+# T-GRPO on Qwen2.5-VL-7B with LoRA on ONE 80 GB GPU, on top of the paper config (README: "LoRA and fewer GPUs"):
 # python tgrpo.py configs/tgrpo_paper.py configs/tgrpo_lora_1gpu.py
 out_dir = "out/tgrpo_lora_1gpu"
 deepspeed = ""                     # one GPU: plain torch; bf16 frozen base, fp32 adapters and AdamW state

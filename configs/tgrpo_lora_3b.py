@@ -1,4 +1,4 @@
-# T-GRPO on Qwen2.5-VL-3B with LoRA on ONE 24-48 GB GPU, on top of the paper config (README: "Fewer GPUs"):
+# T-GRPO on Qwen2.5-VL-3B with LoRA on ONE 24-48 GB GPU, on top of the paper config (README: "LoRA and fewer GPUs"):
 # python tgrpo.py configs/tgrpo_paper.py configs/tgrpo_lora_3b.py
 # The 3B model straight from its Instruct checkpoint; an SFT of it first (LoRA fits there too):
 # python sft.py configs/sft_paper.py --model_path=checkpoints/Qwen2.5-VL-3B-Instruct --out_dir=out/sft_3b \
