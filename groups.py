@@ -54,6 +54,8 @@ max_prompt_tokens = 1024
 seed = 0                             # the sampling and the choice of each record's other record
 threads = 1                          # CPU threads (0: torch's choice)
 attn = common.ATTN
+# record the decode step as a CUDA graph on a GPU (model.generate); False: it runs eager there
+cuda_graph = True
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
                           choices=dict(attn=model.ATTENTION))
@@ -107,7 +109,7 @@ def sample(policy, tokenizer, records, generator):
     pad_id = tokenizer.pad_token_id
     batch = model.collate_prompts(encoded, clips, pad_id, policy.config, policy.device, row_clip)
     ids, _ = model.generate(policy, batch, max_new_tokens, model.stop_ids(tokenizer), pad_id,
-                            temperature, top_p, generator)  # [B * G, T]
+                            temperature, top_p, generator, cuda_graph=cuda_graph)  # [B * G, T]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [texts[i * num_generations:(i + 1) * num_generations] for i in range(len(records))]
 
