@@ -76,7 +76,8 @@ def read(conn):
     worker that died mid-reply)."""
     try:
         return conn.recv()
-    except EOFError:
+    # the pipe is a socket pair: a peer killed with unread data in it resets the connection
+    except (EOFError, ConnectionResetError):
         return None
 
 
