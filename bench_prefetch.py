@@ -28,7 +28,8 @@ repeats = 1                     # runs of each setting, alternated: 0, N, 0, N, 
 eval_max_frames = 64            # the paper's eval: 16, 32 or 64 frames of 256*28*28 pixels
 eval_max_pixels = 256 * 28 * 28
 eval_new_tokens = 32            # generated per sample (the tiny model's answers are noise anyway)
-sft_steps = 8                   # sft.py steps of 4 records, 16 frames of 128*28*28 pixels
+# sft.py steps of 4 records, 16 frames of 128*28*28 pixels (a prompt of about 1,160 tokens)
+sft_steps = 8
 out_dir = ""                    # where the records and runs go; "" -> a temporary folder
 common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [])
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,8 +95,10 @@ def logged_without_timings(path) -> list:
 def report(what, seconds):
     """One line: the mean wall time of each setting and their ratio."""
     mean = {n: sum(s) / len(s) for n, s in seconds.items()}
-    runs = ", ".join(f"{n} workers {s}" for n, s in seconds.items())
-    runs = runs.replace("[", "").replace("]", "")
+    runs = []
+    for n, s in seconds.items():
+        runs.append(f"{n} workers " + " ".join(f"{x:.1f}" for x in s))
+    runs = ", ".join(runs)
     print(f"{what}: wall {mean[0]:.1f} s with 0 workers, {mean[workers]:.1f} s with {workers}: "
           f"ratio {mean[workers] / mean[0]:.2f}x (runs: {runs})", flush=True)
 
@@ -118,6 +121,7 @@ if __name__ == "__main__":
     sft_dir = os.path.join(folder, "sft")
     sft_args = [f"--model_path={model_path}", f"--data_dir={folder}", f"--train_json={json_path}",
                 "--val_records=8", f"--max_steps={sft_steps}", "--batch_size=4",
+                "--max_prompt_tokens=2048",
                 "--eval_interval=1000", "--log_interval=1000"]
     seconds = alternated(sft_dir, "sft.py", sft_args)
     report(f"sft.py, {sft_steps} steps of 4 clips of 16 frames", seconds)
