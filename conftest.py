@@ -177,3 +177,8 @@ def run_until_a_model_loads(argvs):
     outcomes = [line for line in lines if line.startswith(tuple(f"{argv[0]} {argv[-1]} -> " for argv in argvs))]
     assert len(outcomes) == len(argvs), result.stdout + result.stderr[-3000:]
     return outcomes, [line for line in lines if line not in outcomes]
+
+
+def pytest_configure(config):
+    # tests of several seconds (script runs): `pytest -m "not slow"` leaves them out
+    config.addinivalue_line("markers", "slow: a test of several seconds, e.g. a script run")

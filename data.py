@@ -507,6 +507,53 @@ class Example(NamedTuple):
     # the contrast clip's prompt: the prompt itself unless its timestamps are shuffled too
     contrast_prompt: tuple | None = None
 
+class Loader(NamedTuple):
+    """What loading a record takes besides the record: what a data worker is sent once
+    (prefetch.py)."""
+    tokenizer: object
+    config: dict  # FRAME_LIMITS, max_prompt_tokens, prompt_style, skip_bad, contrast_timestamps
+    fam: family.Family
+
+
+class Loaded(NamedTuple):
+    """load_batch's result."""
+    examples: list
+    skipped: int  # records that skip_bad skipped
+    # the generator the contrast shuffles drew from, as they left it: where a data worker loaded
+    # the batch, the worker's copy, from which the main process goes on drawing
+    rng: np.random.Generator | None
+
+
+def loader_of(tokenizer, config, model_config) -> Loader:
+    """The Loader for a model: its family's layout, and config's prompt_style resolved against the
+    one the model was trained with (prompt_style)."""
+    style = prompt_style(config["prompt_style"], getattr(model_config, "prompt_style", None))
+    return Loader(tokenizer, config | {"prompt_style": style}, family.of(model_config))
+
+
+def load_batch(loader, records, rng=None, contrast=False) -> Loaded:
+    """load_examples in the loader's settings, the contrast clips (contrast=True) shuffled by
+    draws from rng; a prefetch.Job's load."""
+    contrast_rng = None
+    if contrast:
+        contrast_rng = rng
+    examples, skipped = load_examples(records, loader.tokenizer, loader.config, contrast_rng,
+                                      loader.fam)
+    return Loaded(examples, skipped, rng)
+
+
+def load_each(loader, records, rngs) -> list:
+    """load_example of each record with its own contrast rng (or None), or the DataError that
+    fails it (eval.py); a prefetch.Job's load."""
+    out = []
+    for record, rng in zip(records, rngs):
+        try:
+            out.append(load_example(record, loader.tokenizer, loader.config, rng, loader.fam))
+        except DataError as err:
+            out.append(err)
+    return out
+
+
 def load_examples(records, tokenizer, config, contrast_rng=None, fam=family.DEFAULT):
     """load_example per record -> [Example], and how many config's skip_bad skipped."""
     examples = []

@@ -25,9 +25,9 @@ from tqdm import tqdm
 import common
 # the config key `data` below (the eval JSONs, a public CLI flag) takes the module's own name
 import data as video_data
-import family
 import lifecycle
 import model
+import prefetch
 import rewards
 
 # ----------------------------------------------------------------------------- config
@@ -67,6 +67,12 @@ shuffled = False
 dist_timeout = 900
 # Qwen3-VL's timestamps of a shuffled clip: "ordered" or "shuffled" with the frames (as tgrpo.py)
 contrast_timestamps = "ordered"
+# processes that load the next batches' media while this one is answered (prefetch.py); 0: each
+# batch loads its own
+data_workers = 0
+data_timeout = prefetch.TIMEOUT  # seconds without a worker's result before it counts as hung
+# record the decode step as a CUDA graph on a GPU (model.generate); False: it runs eager there
+cuda_graph = True
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
                           choices=dict(attn=model.ATTENTION,
@@ -145,18 +151,28 @@ def empty_result(k, record):
     }
 
 
-def example_or_error(record, index, tokenizer, fam, style):
-    """Record `index`'s (prompt, clip, shuffled clip, its prompt) in `fam`'s layout and prompt
-    `style`, or the DataError that fails its samples."""
-    rng = None
-    if shuffled:
-        # seeded per record, not per batch or rank: any split of the work shuffles alike
-        rng = np.random.default_rng([seed, index])
-    try:
-        return video_data.load_example(record, tokenizer, config | {"prompt_style": style}, rng,
-                                       fam)
-    except video_data.DataError as err:
-        return err
+def batch_records(items):
+    """{(benchmark, record index): record} of a batch's items, each record once: its ordered and
+    shuffled samples share one decode."""
+    records = {}
+    for (benchmark, index, _), record in items:
+        records.setdefault((benchmark, index), record)
+    return records
+
+
+def batch_job(items):
+    """The prefetch.Job loading a batch's records: each one's (prompt, clip, shuffled clip, its
+    prompt), or the DataError that fails its samples (data.load_each)."""
+    records = batch_records(items)
+    rngs = []
+    for _, index in records:
+        rng = None
+        if shuffled:
+            # seeded per record, not per batch or rank: any split of the work shuffles alike
+            rng = np.random.default_rng([seed, index])
+        rngs.append(rng)
+    return prefetch.Job(video_data.load_each, (list(records.values()), rngs),
+                        list(records.values()))
 
 
 def is_out_of_memory(err):
@@ -165,23 +181,24 @@ def is_out_of_memory(err):
 
 
 def run_batch(net, tokenizer, items, generator, device):
-    """One result per item (k, record), k = (benchmark, record index, shuffled?); a failed one
-    scores 0 with its reason. A bad clip fails its own samples only (media load per record);
-    running out of memory, the batch's."""
+    """answer_batch of items, loaded here (the main loop's batches are loaded ahead)."""
+    loader = video_data.loader_of(tokenizer, config, model.unwrap(net).config)
+    job = batch_job(items)
+    return answer_batch(net, tokenizer, items, job.load(loader, *job.args), generator, device)
+
+
+def answer_batch(net, tokenizer, items, loaded, generator, device):
+    """One result per item (k, record), k = (benchmark, record index, shuffled?), of the batch's
+    `loaded` records (batch_job's); a failed one scores 0 with its reason. A bad clip fails its
+    own samples only (media load per record); running out of memory, the batch's."""
     results = {k: empty_result(k, record) for k, record in items}
 
     # media: a record's ordered and shuffled samples share one decode
-    loaded = {}
+    examples = dict(zip(batch_records(items), loaded))
     answered = []
-    net_config = model.unwrap(net).config
-    fam = family.of(net_config)
-    style = video_data.prompt_style(config["prompt_style"],
-                                    getattr(net_config, "prompt_style", None))
     for k, record in items:
         benchmark, index, is_shuffled = k
-        if (benchmark, index) not in loaded:
-            loaded[benchmark, index] = example_or_error(record, index, tokenizer, fam, style)
-        example = loaded[benchmark, index]
+        example = examples[benchmark, index]
         if isinstance(example, video_data.DataError):
             results[k]["failed"] = str(example)
             continue
@@ -199,7 +216,8 @@ def run_batch(net, tokenizer, items, generator, device):
     batch = model.collate_prompts(prompts, clips, tokenizer.pad_token_id, model_config, device)
     try:
         ids, mask = model.generate(net, batch, max_new_tokens, model.stop_ids(tokenizer),
-                                   tokenizer.pad_token_id, temperature, top_p, generator)
+                                   tokenizer.pad_token_id, temperature, top_p, generator,
+                                   cuda_graph=cuda_graph)
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
@@ -396,8 +414,9 @@ if __name__ == "__main__":
     lifecycle.resolve_prompt_style(config, checkpoint)
 
     # resume only a run of the same settings, so answers of another checkpoint or frame count
-    # never mix in (out_dir and dist_timeout change no answer)
-    kept = {k: v for k, v in config.items() if k not in ("out_dir", "dist_timeout")}
+    # never mix in (where the results go, and how the work waits or is loaded, change no answer)
+    unkept = ("out_dir", "dist_timeout", "data_workers", "data_timeout")
+    kept = {k: v for k, v in config.items() if k not in unkept}
     settings = {"checkpoint": checkpoint, **kept}
     run_json = os.path.join(out_dir, "run.json")
     if common.RANK == 0 and not os.path.exists(run_json):
@@ -419,14 +438,18 @@ if __name__ == "__main__":
     common.print0(f"eval {checkpoint}: {len(items)} samples in {len(batches)} batches on "
                   f"{common.WORLD} rank(s), {len(done)} done before")
 
-    # answer batch by batch; each batch's sampling seed depends on its number alone
-    with open(own, "a") as log:
+    # answer batch by batch, each loaded ahead by data_workers processes (0: when its turn comes);
+    # each batch's sampling seed depends on its number alone
+    loader = video_data.loader_of(tokenizer, config, net.config)
+    jobs = (batch_job(batches[j]) for j in todo)
+    loads = prefetch.Prefetcher(jobs, loader, data_workers, data_timeout)
+    with open(own, "a") as log, loads:
         progress = tqdm(todo, desc="eval batches (rank 0)", disable=common.RANK != 0,
                         mininterval=10)
         for j in progress:
             seed_j = int(np.random.default_rng([seed, j]).integers(2**common.SEED_BITS))
             generator = torch.Generator(device).manual_seed(seed_j)
-            results = run_batch(net, tokenizer, batches[j], generator, device)
+            results = answer_batch(net, tokenizer, batches[j], next(loads), generator, device)
             # whole batches only, so a crash can cut the last line alone
             log.write("".join(json.dumps(r) + "\n" for r in results if key(r) not in done))
             log.flush()

@@ -28,7 +28,6 @@ import torch
 import common
 # the config key `data` below (the JSON) takes the module's own name, as in eval.py
 import data as video_data
-import family
 import lifecycle
 import model
 import rewards
@@ -56,6 +55,8 @@ threads = 1                          # CPU threads (0: torch's choice)
 attn = common.ATTN
 # data.PROMPT_STYLES: "" -> the one the checkpoint was trained with, else "reasoning"
 prompt_style = ""
+# record the decode step as a CUDA graph on a GPU (model.generate); False: it runs eager there
+cuda_graph = True
 # -----------------------------------------------------------------------------
 config = common.configure(globals(), sys.argv[1:] if __name__ == "__main__" else [],
                           choices=dict(attn=model.ATTENTION,
@@ -98,11 +99,8 @@ def prompt_stats(texts, record, other):
 
 def sample(policy, tokenizer, records, generator):
     """G sampled responses per record on its ordered clip: a list of G texts per record."""
-    fam = family.of(policy.config)
-    style = video_data.prompt_style(config["prompt_style"],
-                                    getattr(policy.config, "prompt_style", None))
-    examples, _ = video_data.load_examples(records, tokenizer, config | {"prompt_style": style},
-                                           None, fam)
+    loader = video_data.loader_of(tokenizer, config, policy.config)
+    examples = video_data.load_batch(loader, records).examples
     encoded = []
     row_clip = []
     for i, example in enumerate(examples):
@@ -113,7 +111,7 @@ def sample(policy, tokenizer, records, generator):
     pad_id = tokenizer.pad_token_id
     batch = model.collate_prompts(encoded, clips, pad_id, policy.config, policy.device, row_clip)
     ids, _ = model.generate(policy, batch, max_new_tokens, model.stop_ids(tokenizer), pad_id,
-                            temperature, top_p, generator)  # [B * G, T]
+                            temperature, top_p, generator, cuda_graph=cuda_graph)  # [B * G, T]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [texts[i * num_generations:(i + 1) * num_generations] for i in range(len(records))]
 

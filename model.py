@@ -499,7 +499,7 @@ class Decoder:
         return F.linear(out.reshape(B, 1, -1), *layer["o"])  # (B, 1, D)
 
 
-def cuda_graph(fn):
+def record_graph(fn):
     """fn recorded as a CUDA graph; returns a function that replays it and returns its output.
 
     fn runs once first, on a side stream, so that lazy initialisations (cuBLAS workspaces, a
@@ -522,14 +522,14 @@ def cuda_graph(fn):
 
 @torch.no_grad()
 def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0,
-             generator=None, stop_every=None, compile_step=False):
+             generator=None, stop_every=None, compile_step=False, cuda_graph=True):
     """Batched prefill, then one token per step from a static KV cache (Decoder).
 
     A row stops at its first stop token. Returns completion ids (B, T) padded with pad_id, and a
     mask (B, T) of the tokens up to and including the stop; T is the longest completion.
 
     On a GPU the decode step is recorded as a CUDA graph at the first decoded token and replayed
-    for every later one (cuda_graph); on CPU it runs eager. The graph is recorded by hand, once a
+    for every later one (record_graph); on CPU it runs eager. The graph is recorded by hand, once a
     call, rather than by torch.compile(mode="reduce-overhead"): a graph reads its tensors at the
     addresses they had at capture, and the decode weights move between calls. LoRA's merged
     copies are made per call; under ZeRO-3, common.generation_phase gathers the partitioned
@@ -539,7 +539,8 @@ def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
     fixed buffers instead would cost a second copy of them (16.6 GB at 7B). What a recording
     costs on a GPU (a warm-up step and the capture) is not measured yet: bench.py prints it.
     `compile_step` compiles the step (torch.compile, fullgraph) before it is recorded: its
-    elementwise operations fused, at a compile per batch size and cache length.
+    elementwise operations fused, at a compile per batch size and cache length. cuda_graph=False
+    (the scripts' config value, for a GPU where the capture fails) runs the same step eager there.
 
     Whether every row has stopped is asked every `stop_every` tokens (None: 16 on a GPU, where
     each answer waits for the queued steps; every token on CPU, where asking is free); the steps
@@ -590,8 +591,8 @@ def generate(model, batch, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
         decoder.advance(token)
         # captured at the first step, once the step's inputs hold real values: the capture's
         # warm-up run writes this token's keys and values, as the replays will again
-        if on_gpu and t == 0:
-            step = cuda_graph(step)
+        if on_gpu and cuda_graph and t == 0:
+            step = record_graph(step)
         logits = step()  # (B, V)
 
     # 3. the mask of tokens up to the stop: a token counts while no stop token came before it,

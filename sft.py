@@ -18,9 +18,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 import common
 import data
-import family
 import lifecycle
 import model
+import prefetch
 import synthetic
 
 # config: config files (configs/sft_paper.py) and --key=value override any value
@@ -55,6 +55,10 @@ min_pixels = 4 * 28 * 28
 max_pixels = 128 * 28 * 28
 total_pixels = 0              # the clip's pixel budget (Qwen3-VL's qwen-vl-utils rule); 0: none
 skip_bad = False              # True: a bad record, clip or prompt is skipped and counted, not fatal
+# processes that load the next micro-batches' media while this one computes (prefetch.py); 0: the
+# step loads its own
+data_workers = 0
+data_timeout = prefetch.TIMEOUT  # seconds without a worker's result before it counts as hung
 eval_interval = 100           # validation loss every N steps
 ckpt_interval = 500           # checkpoint every N steps (and at the end)
 log_interval = 50
@@ -106,15 +110,19 @@ class SFTBatch(NamedTuple):
 def make_batch(net, records, tokenizer, device):
     """Prompts with their media, and the SFT targets (plain text, then <|im_end|>) as completions;
     a bad example is skipped and counted under skip_bad."""
-    net_config = model.unwrap(net).config
-    fam = family.of(net_config)
-    style = data.prompt_style(config["prompt_style"], getattr(net_config, "prompt_style", None))
-    examples, skipped = data.load_examples(records, tokenizer, config | {"prompt_style": style},
-                                           fam=fam)
+    loader = data.loader_of(tokenizer, config, model.unwrap(net).config)
+    loaded = data.load_batch(loader, records)
+    return collate(net, loaded, tokenizer, device)
+
+
+def collate(net, loaded, tokenizer, device):
+    """make_batch's batch of data.load_batch's examples (loaded here, or ahead by a data
+    worker)."""
+    examples = loaded.examples
     if not examples:
         # every record failed: a placeholder row keeps this rank's collectives in step, at zero loss
         prompts, ids, mask = lifecycle.placeholder_batch(net, device)
-        return SFTBatch(prompts, ids, mask, skipped, 0)
+        return SFTBatch(prompts, ids, mask, loaded.skipped, 0)
 
     # the targets: special tokens in the text stay plain text; only the appended <|im_end|> ends it
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -132,7 +140,18 @@ def make_batch(net, records, tokenizer, device):
     clips = [example.clip for example in examples]
     model_config = model.unwrap(net).config
     batch = model.collate_prompts(prompts, clips, tokenizer.pad_token_id, model_config, device)
-    return SFTBatch(batch, ids.to(device), mask.to(device), skipped, truncated)
+    return SFTBatch(batch, ids.to(device), mask.to(device), loaded.skipped, truncated)
+
+
+def micro_batch_jobs(train, consumed, start, stop):
+    """prefetch.Jobs loading every micro-step's records of steps start..stop-1 on this rank: the
+    next batch_size records of the endless record stream, each."""
+    for step in range(start, stop):
+        for micro in range(grad_accum):
+            position = common.stream_position(consumed, step - start, batch_size, micro,
+                                              grad_accum)
+            records = data.epoch_slice(train, position, batch_size, seed)
+            yield prefetch.Job(data.load_batch, (records,), records)
 
 
 def sft_loss(net, batch, target_ids, target_mask):
@@ -196,6 +215,10 @@ if __name__ == "__main__":
     if run_steps:
         stop = min(max_steps, start + run_steps)
     skipped_total = 0
+    # the micro-steps' records, loaded ahead by data_workers processes (0: each when its turn comes)
+    loader = data.loader_of(tokenizer, config, model.unwrap(net).config)
+    jobs = micro_batch_jobs(train, consumed, start, stop)
+    loads = prefetch.Prefetcher(jobs, loader, data_workers, data_timeout)
     for step in range(start, stop):
         t0 = time.time()
         lr_now = common.cosine_lr(step, lr, warmup_steps, max_steps, min_lr_ratio)
@@ -205,10 +228,7 @@ if __name__ == "__main__":
         tokens = 0
         for micro in range(grad_accum):
             # data: the next batch_size records of this rank in the endless record stream
-            position = common.stream_position(consumed, step - start, batch_size, micro,
-                                              grad_accum)
-            records_now = data.epoch_slice(train, position, batch_size, seed)
-            b = make_batch(net, records_now, tokenizer, device)
+            b = collate(net, next(loads), tokenizer, device)
             skipped += b.skipped
             truncated += b.truncated
 
@@ -252,6 +272,7 @@ if __name__ == "__main__":
                                                consumed_now)
             common.print0("checkpoint:", folder)
 
+    loads.close()
     common.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, "
                   f"{skipped_total} examples in steps")
     common.finish()

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import common
 import data
-import family
 import lifecycle
 import model
+import prefetch
 import rewards
 
 # ----------------------------------------------------------------------------- config
@@ -102,6 +102,12 @@ min_pixels = 4 * 28 * 28
 max_pixels = 128 * 28 * 28
 total_pixels = 0            # the clip's pixel budget (Qwen3-VL's qwen-vl-utils rule); 0: none
 skip_bad = False            # True: a bad record, clip or prompt is skipped and counted
+# processes that load the next steps' media and contrast clips while this one computes
+# (prefetch.py); 0: the step loads its own
+data_workers = 0
+data_timeout = prefetch.TIMEOUT  # seconds without a worker's result before it counts as hung
+# record the decode step as a CUDA graph on a GPU (model.generate); False: it runs eager there
+cuda_graph = True
 log_interval = 1
 wandb_log = False           # True: the metrics also go to Weights & Biases (pip install wandb)
 wandb_project = "video-r1-nano"
@@ -168,19 +174,33 @@ class Rollout(NamedTuple):
     skipped: int         # records that skip_bad skipped
 
 
-def rollout(policy, records, tokenizer, step, device):
-    """G ordered responses per prompt and G~ contrast ones per video prompt, in one generate
-    call."""
-    # the step's random draws, in order: the contrast shuffles, then the sampling generator's seed
+def step_job(records, step):
+    """The prefetch.Job loading a step's records on this rank. The step's random draws, in order:
+    the contrast shuffles (where the job runs), then the sampling generator's seed (rollout_of,
+    from the generator the job hands back)."""
     rng = np.random.default_rng([seed, step, common.RANK])
-    contrast_rng = None
-    if num_contrast:
-        contrast_rng = rng
-    net_config = model.unwrap(policy).config
-    fam = family.of(net_config)
-    style = data.prompt_style(config["prompt_style"], getattr(net_config, "prompt_style", None))
-    examples, skipped = data.load_examples(records, tokenizer, config | {"prompt_style": style},
-                                           contrast_rng, fam)
+    return prefetch.Job(data.load_batch, (records, rng, num_contrast > 0), records)
+
+
+def step_jobs(train, consumed, start, stop):
+    """step_job of every step start..stop-1: the next batch_size records of the record stream."""
+    for step in range(start, stop):
+        first = common.stream_position(consumed, step - start, batch_size)
+        records = data.epoch_slice(train, first, batch_size, seed)
+        yield step_job(records, step)
+
+
+def rollout(policy, records, tokenizer, step, device):
+    """rollout_of the records, loaded here (the training loop's are loaded ahead)."""
+    loader = data.loader_of(tokenizer, config, model.unwrap(policy).config)
+    job = step_job(records, step)
+    return rollout_of(policy, job.load(loader, *job.args), tokenizer, device)
+
+
+def rollout_of(policy, loaded, tokenizer, device):
+    """G ordered responses per prompt and G~ contrast ones per video prompt, in one generate
+    call, of a step's data.load_batch."""
+    examples, skipped, rng = loaded
 
     # the rows: G see the clip in order, G~ the shuffled one; a clip is encoded once for its rows
     clips = []
@@ -210,8 +230,8 @@ def rollout(policy, records, tokenizer, step, device):
     batch = model.collate_prompts(encoded, clips, pad_id, net_config, device, row_clip)
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**common.SEED_BITS)))
     stop_ids = model.stop_ids(tokenizer)
-    ids, mask = model.generate(policy, batch, max_new_tokens, stop_ids, pad_id,
-                               temperature, top_p, generator)  # (B, T) each
+    ids, mask = model.generate(policy, batch, max_new_tokens, stop_ids, pad_id, temperature,
+                               top_p, generator, cuda_graph=cuda_graph)  # (B, T) each
     return Rollout(examples, rows, batch, ids, mask, skipped)
 
 
@@ -504,6 +524,10 @@ if __name__ == "__main__":
     if run_steps:
         stop = min(max_steps, start + run_steps)
     skipped_total = 0
+    # the steps' records, loaded ahead by data_workers processes (0: each when its turn comes)
+    loader = data.loader_of(tokenizer, config, model.unwrap(policy).config)
+    loads = prefetch.Prefetcher(step_jobs(train, consumed, start, stop), loader, data_workers,
+                                data_timeout)
 
     for step in range(start, stop):
         t0 = time.time()
@@ -511,11 +535,10 @@ if __name__ == "__main__":
 
         # rollout: G ordered (and G~ shuffled) responses per prompt of this rank's share of the data
         policy.eval()
-        first = common.stream_position(consumed, step - start, batch_size)
-        records_now = data.epoch_slice(train, first, batch_size, seed)
+        loaded = next(loads)
         # every rank enters the generation phase, even one whose clips all failed
         with common.generation_phase(policy):
-            out = rollout(policy, records_now, tokenizer, step, device)
+            out = rollout_of(policy, loaded, tokenizer, device)
         rollout_time = time.time() - t0
         texts = tokenizer.batch_decode(out.ids, skip_special_tokens=True)  # past a stop: pad
         lengths = out.mask.sum(1).tolist()
@@ -572,6 +595,7 @@ if __name__ == "__main__":
                                                consumed_now)
             common.print0("checkpoint:", folder)
 
+    loads.close()
     common.print0(f"done: steps {start + 1}-{stop}; skipped {bad} bad records at load, "
                   f"{skipped_total:g} examples in steps")
     common.finish()
