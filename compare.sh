@@ -18,7 +18,7 @@
 set -euo pipefail
 root=${1:-out/compare}
 seeds=${2:-"0 1 2"}
-steps=${STEPS:-600}
+steps=${STEPS:-1200}  # the length under study from the short-prompt start (RESULTS.md)
 jobs=${JOBS:-2}
 lr=${LR:-5e-5}
 temperature=${TEMP:-0.7}
@@ -54,10 +54,15 @@ if [ -n "$results" ]; then
     echo "$sft is not the start $results was made from (start.txt's sha256): rebuild it from start.txt's command" >&2
     exit 1
   fi
+  # the start's own command, from its run.json (the SFT run that made it)
+  sft_command=$(python -c "import json, sys; c = json.load(open(sys.argv[1]))['config']; print(
+    f\"python sft.py --data_dir={c['data_dir']} --max_steps={c['max_steps']} --seed={c['seed']}\",
+    f\"--prompt_style={c['prompt_style']} --out_dir={c['out_dir']}\")" "$sft/$(cat "$sft/latest")/run.json")
   {
     echo "start: $sft/$(cat "$sft/latest"), model.safetensors sha256 $start_sha"
-    echo "python synthetic.py $data --n_rl=2000 --n_eval=2000"
-    echo "python sft.py --data_dir=$data --max_steps=1000 --out_dir=$sft"
+    echo "made by: $sft_command"
+    echo "data: $data, rl.json sha256 $(sha256sum "$data/rl.json" | cut -d' ' -f1), eval.json sha256 $(sha256sum "$data/eval.json" | cut -d' ' -f1)"
+    echo "(the default data: python synthetic.py out/synthetic_big --n_rl=2000 --n_eval=2000)"
     echo "STEPS=$steps LR=$lr TEMP=$temperature TOKENS=$tokens EXTRA=\"$extra\" bash compare.sh $root \"$seeds\""
   } > "$results/start.txt"
 fi

@@ -33,7 +33,8 @@ def records_of(toy, name):
 
 def loaded_with(jobs, tokenizer, config, workers):
     """Every job's result, loaded by `workers` processes (0: here)."""
-    loader = data.Loader(tokenizer, config, family.DEFAULT)
+    # the toy's prompt: a script resolves "" from its checkpoint (data.loader_of)
+    loader = data.Loader(tokenizer, dict(config, prompt_style="short"), family.DEFAULT)
     with prefetch.Prefetcher(jobs, loader, workers) as loads:
         return list(loads)
 
