@@ -6,9 +6,10 @@ same results (DETAILS.md, "Media decoding ahead (data_workers)").
     python bench_prefetch.py --video=clip.mp4 --records=128 --repeats=2
 
 eval: the paper's inference frames (64 at most, 256*28*28 pixels each), batches of 8; sft: its
-training frames (16 at most, 128*28*28 pixels). The model is the tiny one (a few ms of compute
-per clip), so the runs measure the decode and what hides it; a 7B model's step computes far
-longer (DETAILS.md). Each run is a fresh process: its wall time includes the start.
+training frames (16 at most, 128*28*28 pixels). The model is the tiny one, whose vision tower
+on the CPU takes several seconds a clip at 64 frames (more than the clip's decode); on a GPU the
+decode is the CPU's whole share (DETAILS.md). Each run is a fresh process: its wall time includes
+the start.
 """
 import json
 import os
