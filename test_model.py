@@ -58,6 +58,17 @@ def test_missing_mm_token_type_ids_changes_the_output(tiny):
     assert (without - with_types).abs().max() > 1e-3
 
 
+def transformers_video_logits(net, batch, completion, mask, clips, row_clip):
+    """(B, T, V) the plain transformers forward's logits of each completion token, each row's pixels repeated."""
+    B, T = completion.shape
+    P = batch.input_ids.shape[1]
+    positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(T)).expand(3, B, T)], dim=2)
+    return net(input_ids=torch.cat([batch.input_ids, completion], 1),
+               attention_mask=torch.cat([batch.attention_mask, mask], 1), position_ids=positions,
+               pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
+               video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
+
+
 def test_vision_once_equals_pixels_repeated_per_row(tiny):
     """Log-probs and parameter gradients equal the plain transformers forward with each row's pixels repeated."""
     net, tok, _ = tiny
@@ -70,12 +81,7 @@ def test_vision_once_equals_pixels_repeated_per_row(tiny):
     mask[1, 4:] = 0
     ours, ours_grads = ours_with_grads(net, batch, completion, mask)
 
-    P = batch.input_ids.shape[1]
-    positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(6)).expand(3, 5, 6)], dim=2)
-    logits = net(input_ids=torch.cat([batch.input_ids, completion], 1),
-                 attention_mask=torch.cat([batch.attention_mask, mask], 1), position_ids=positions,
-                 pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
-                 video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
+    logits = transformers_video_logits(net, batch, completion, mask, clips, row_clip)
     assert_matches_transformers(net, ours, ours_grads, logits, completion)
     assert ours_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # gradients do reach the vision tower
     net.zero_grad()
@@ -97,12 +103,7 @@ def test_rows_sharing_a_prompt_run_it_once_and_equal_transformers(tiny):
     mask[1, 3:] = 0  # a stopped row: its pads are masked out as keys too
     ours, ours_grads = ours_with_grads(net, batch, completion, mask)
 
-    P = batch.input_ids.shape[1]
-    positions = torch.cat([batch.position_ids, (batch.next_pos[:, None] + torch.arange(5)).expand(3, 6, 5)], dim=2)
-    logits = net(input_ids=torch.cat([batch.input_ids, completion], 1),
-                 attention_mask=torch.cat([batch.attention_mask, mask], 1), position_ids=positions,
-                 pixel_values_videos=torch.cat([clips[c].pixel_values for c in row_clip]),
-                 video_grid_thw=torch.tensor([clips[c].grid_thw for c in row_clip])).logits[:, P - 1:-1]
+    logits = transformers_video_logits(net, batch, completion, mask, clips, row_clip)
     assert_matches_transformers(net, ours, ours_grads, logits, completion)
     net.zero_grad()
 
