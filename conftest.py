@@ -74,10 +74,10 @@ def encode_text(tok, text, clip, fam=None):
     return ids, [kinds.get(i, 0) for i in ids]
 
 
-def ours_with_grads(net, batch, completion, mask):
+def ours_with_grads(net, batch, completion, mask, share_prompts=False):
     """Our completion log-probs (B, T) and the parameter gradients of their sum; the net's gradients are zeroed."""
     net.zero_grad()
-    ours = model.completion_logprobs(net, batch, completion, mask)
+    ours = model.completion_logprobs(net, batch, completion, mask, share_prompts=share_prompts)
     ours.sum().backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()

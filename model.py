@@ -210,16 +210,19 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16, enabled=on_gpu)
 
 
-def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8):
+def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8,
+                        share_prompts=False):
     """(B, T) log-probs of each completion token given its prompt.
 
-    Rows that share a prompt (T-GRPO's G responses to it) run it once: a prompt pass fills a KV
-    cache, each row takes its prompt's keys and values, and a completion pass runs the rows'
-    completions over them; the gradients of the G rows meet in the one prompt pass. With the
-    toy's short prompts that is about half the tokens of a pass over prompt + completion per row
-    (at paper scale, a 2,000-token clip and 8 rows, over two thirds fewer). Rows that share nothing
-    (SFT), or gradient checkpointing (transformers' checkpointed layers drop the cache), take one
-    pass over prompt + completion per row. The head and log-softmax run on `slices` slices of the
+    share_prompts=True (T-GRPO, whose G responses to a prompt share it) runs each distinct prompt
+    once: a prompt pass fills a KV cache, each row takes its prompt's keys and values, and a
+    completion pass runs the rows' completions over them; the gradients of the G rows meet in the
+    one prompt pass. With the toy's short prompts that is about half the tokens of a pass over
+    prompt + completion per row (at paper scale, a 2,000-token clip and 8 rows, over two thirds
+    fewer). The caller chooses, not the data: under ZeRO-3 every module call is a collective, so
+    every rank must run the same passes, a rank on a placeholder batch too. False (SFT, whose rows
+    share nothing), or gradient checkpointing (transformers' checkpointed layers drop the cache):
+    one pass over prompt + completion per row. The head and log-softmax run on `slices` slices of the
     tokens (8 rows x 768 at paper scale: a row each), recomputed in backward, so vocab-wide fp32
     logits exist for one slice at a time. The count is fixed because under ZeRO-3 each slice is a
     collective."""
@@ -231,15 +234,14 @@ def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8)
         chosen = logits.gather(-1, ids[:, None]).squeeze(-1)  # (n,)
         return chosen - logits.logsumexp(-1)
 
-    shared = shared_prompts(batch)
     lm = inner.model.language_model
     checkpointed = lm.gradient_checkpointing and lm.training and torch.is_grad_enabled()
     with autocast(completion_ids.device):
-        if len(shared.first) == B or checkpointed:
-            hidden = one_pass_hidden(model, batch, completion_ids, completion_mask)  # (B, T, D)
-        else:
-            hidden = shared_prompt_hidden(model, batch, shared, completion_ids,
+        if share_prompts and not checkpointed:
+            hidden = shared_prompt_hidden(model, batch, shared_prompts(batch), completion_ids,
                                           completion_mask)  # (B, T, D)
+        else:
+            hidden = one_pass_hidden(model, batch, completion_ids, completion_mask)  # (B, T, D)
         hidden = hidden.reshape(B * T, -1)  # (B*T, D) row b*T + t predicts completion_ids[b, t]
         targets = completion_ids.flatten()  # (B*T,)
 

@@ -101,7 +101,7 @@ def test_rows_sharing_a_prompt_run_it_once_and_equal_transformers(tiny):
     completion = torch.randint(10, 200, (6, 5), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(6, 5, dtype=torch.long)
     mask[1, 3:] = 0  # a stopped row: its pads are masked out as keys too
-    ours, ours_grads = ours_with_grads(net, batch, completion, mask)
+    ours, ours_grads = ours_with_grads(net, batch, completion, mask, share_prompts=True)
 
     logits = transformers_video_logits(net, batch, completion, mask, clips, row_clip)
     assert_matches_transformers(net, ours, ours_grads, logits, completion)

@@ -235,6 +235,12 @@ def rollout_of(policy, loaded, tokenizer, device):
     return Rollout(examples, rows, batch, ids, mask, skipped)
 
 
+def logprobs(net, batch, ids, mask):
+    """(N, T) the completion log-probs of a step's rows, each distinct prompt run once (a group's
+    rows share it): model.completion_logprobs with share_prompts, the same passes on every rank."""
+    return model.completion_logprobs(net, batch, ids, mask, share_prompts=True)
+
+
 def response_credit(policy, out):
     """(B,) the response-level temporal credit (rewards.temporal_credit) of every ordered row of a
     video with contrast rows; 0 for contrast rows and images. One no-grad log-prob pass of those
@@ -258,7 +264,7 @@ def response_credit(policy, out):
     ids = out.ids[chosen + chosen]  # (2n, T)
     mask = out.mask[chosen + chosen]  # (2n, T)
     with torch.no_grad():
-        logp = model.completion_logprobs(policy, both, ids, mask).float().cpu()  # (2n, T)
+        logp = logprobs(policy, both, ids, mask).float().cpu()  # (2n, T)
     credit[chosen] = rewards.temporal_credit(logp[:n].numpy(), logp[n:].numpy(),
                                              mask[:n].float().cpu().numpy())
     return credit
@@ -425,16 +431,16 @@ def train_step(opt, policy, ref, batch, ids, mask, advantages, lr_now):
         if ref is policy:
             adapters_off = model.lora_of(ref).disable_adapter()
         with torch.no_grad(), adapters_off:
-            ref_logp = model.completion_logprobs(ref, batch, ids, mask)  # (N, T)
+            ref_logp = logprobs(ref, batch, ids, mask)  # (N, T)
 
     # pi_old, the policy that generated the rollouts, as it was before this step's updates
     old_logp = None
     if num_iterations > 1:
         with torch.no_grad():
-            old_logp = model.completion_logprobs(policy, batch, ids, mask)  # (N, T)
+            old_logp = logprobs(policy, batch, ids, mask)  # (N, T)
 
     for _ in range(num_iterations):
-        logp = model.completion_logprobs(policy, batch, ids, mask)  # (N, T)
+        logp = logprobs(policy, batch, ids, mask)  # (N, T)
         # one update per rollout: pi_old == pi, and pi_old = logp.detach() makes the ratio exactly 1
         # in value while the policy gradient flows through logp
         old = old_logp
