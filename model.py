@@ -222,10 +222,10 @@ def completion_logprobs(model, batch, completion_ids, completion_mask, slices=8,
     fewer). The caller chooses, not the data: under ZeRO-3 every module call is a collective, so
     every rank must run the same passes, a rank on a placeholder batch too. False (SFT, whose rows
     share nothing), or gradient checkpointing (transformers' checkpointed layers drop the cache):
-    one pass over prompt + completion per row. The head and log-softmax run on `slices` slices of the
-    tokens (8 rows x 768 at paper scale: a row each), recomputed in backward, so vocab-wide fp32
-    logits exist for one slice at a time. The count is fixed because under ZeRO-3 each slice is a
-    collective."""
+    one pass over prompt + completion per row. The head and log-softmax run on `slices` slices of
+    the tokens (8 rows x 768 at paper scale: a row each), recomputed in backward, so vocab-wide
+    fp32 logits exist for one slice at a time. The count is fixed because under ZeRO-3 each slice
+    is a collective."""
     B, T = completion_ids.shape
     inner = unwrap(model)
 
