@@ -34,6 +34,12 @@ SMOOTH = 20  # steps in the moving average: one step sees only a few prompts
 ROWS = [(family, metric)
         for family in ("temporal", "control")
         for metric in ("ordered", "shuffled", "gap")]
+# what the temporal bonus did in training, each run's mean over its steps (GRPO measures them too,
+# from its shuffled rollouts, but pays no bonus)
+BONUS_STATS = [("bonus_granted", "bonus granted"),
+               ("bonus_granted_mixed", "granted where mixed"),
+               ("advantage_change", "mean abs advantage change"),
+               ("credit", "credit")]
 
 def read_log(path):
     """The lines of a metrics.jsonl, or of a metrics.jsonl.gz (compare.sh's RESULTS copies), as
@@ -108,18 +114,27 @@ def binomial_error(p, n):
     return np.sqrt(p * (1 - p) / n)
 
 
+def eval_groups(path):
+    """The per-group results (temporal, control, family=...) of one eval summary.json."""
+    with open(path) as f:
+        return json.load(f)["benchmarks"]["eval"]["groups"]
+
+
+def final_evals(root, method):
+    """Each seed's final eval of `method` (the SFT start's for "sft"), as eval_groups."""
+    pattern = f"{method}_seed*/eval/summary.json"
+    if method == "sft":
+        pattern = "sft/eval/summary.json"
+    return [eval_groups(p) for p in sorted(Path(root).glob(pattern))]
+
+
 def table(root):
     """A markdown table of eval accuracy (ROWS), mean +- std over seeds, SFT's start first; the
     ordered and shuffled cells add [the binomial error of one eval] of that many videos."""
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
     for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
-        if method == "sft":
-            pattern = "sft/eval/summary.json"
-        else:
-            pattern = f"{method}_seed*/eval/summary.json"
-        summaries = sorted(Path(root).glob(pattern))
-        groups = [json.load(open(p))["benchmarks"]["eval"]["groups"] for p in summaries]
+        groups = final_evals(root, method)
         if not groups:  # runs without an eval yet
             continue
         cells = []
@@ -133,6 +148,72 @@ def table(root):
         lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+def in_seed_stds(values, baseline):
+    """mean(values) - mean(baseline), and that difference in units of the two methods' pooled
+    sample std over seeds (NaN below 2 seeds each, or where both stds are 0)."""
+    difference = values.mean() - baseline.mean()
+    if min(len(values), len(baseline)) < 2:
+        return difference, float("nan")
+    pooled = np.sqrt((values.var(ddof=1) + baseline.var(ddof=1)) / 2)
+    if pooled == 0:
+        return difference, float("nan")
+    return difference, difference / pooled
+
+
+def run_mean(path, key):
+    """The mean of one metric over all steps of a run's log, NaN (a step without it) left out."""
+    values = np.array([row.get(key, float("nan")) for row in read_log(path)], dtype=float)
+    if np.isnan(values).all():
+        return float("nan")
+    return float(np.nanmean(values))
+
+
+def differences(root, baseline="grpo"):
+    """A markdown table of each method against `baseline`: the difference of the mean temporal
+    accuracy and of the temporal ordered-shuffled gap, in points and in pooled seed stds, and
+    what the bonus did in training (BONUS_STATS: each run's mean over its steps, mean over
+    seeds)."""
+    base = final_evals(root, baseline)
+    if not base:
+        return f"(no {baseline} runs with an eval under {root})"
+    base_accuracy = 100 * np.array([g["temporal"]["ordered"] for g in base])
+    base_gap = 100 * np.array([g["temporal"]["gap"] for g in base])
+    header = ("| method (seeds) | temporal ordered %, minus GRPO | in seed stds "
+              "| temporal gap %, minus GRPO | in seed stds | "
+              + " | ".join(label for _, label in BONUS_STATS) + " |")
+    lines = [header, "|---" * (5 + len(BONUS_STATS)) + "|"]
+    for method, label in methods(root).items():
+        groups = final_evals(root, method)
+        if not groups:
+            continue
+        accuracy = 100 * np.array([g["temporal"]["ordered"] for g in groups])
+        gap = 100 * np.array([g["temporal"]["gap"] for g in groups])
+        accuracy_difference, accuracy_stds = in_seed_stds(accuracy, base_accuracy)
+        gap_difference, gap_stds = in_seed_stds(gap, base_gap)
+        logs = run_logs(root, method)
+        stats = [np.mean([run_mean(p, key) for p in logs]) for key, _ in BONUS_STATS]
+        cells = [f"{accuracy_difference:+.1f}", f"{accuracy_stds:+.1f}",
+                 f"{gap_difference:+.1f}", f"{gap_stds:+.1f}"] + [f"{v:.3f}" for v in stats]
+        lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checkpoint_table(root):
+    """A markdown table of every per-checkpoint eval under root (run/eval_N/summary.json, as the
+    lever studies keep them): temporal ordered and gap, control ordered, by run and step."""
+    lines = ["| run | step | temporal ordered % | temporal gap % | control ordered % |",
+             "|---|---|---|---|---|"]
+    for path in sorted(Path(root).glob("*/eval_*/summary.json")):
+        groups = eval_groups(path)
+        step = int(path.parent.name.split("_")[1])
+        temporal, control = groups["temporal"], groups["control"]
+        lines.append(f"| {path.parent.parent.name} | {step:,} | {100 * temporal['ordered']:.1f} "
+                     f"| {100 * temporal['gap']:+.1f} | {100 * control['ordered']:.1f} |")
+    if len(lines) == 2:
+        return ""
+    return "\n".join(lines)
+
 if __name__ == "__main__":
     root = "out/compare"
     if len(sys.argv) > 1:
@@ -140,4 +221,11 @@ if __name__ == "__main__":
     plot(root)
     print(table(root))
     print("mean ± std over seeds; [ ]: the binomial standard error of one eval of that many videos")
+    print()
+    print(differences(root))
+    print("seed stds: the difference over the pooled sample std of the two methods' seeds")
+    checkpoints = checkpoint_table(root)
+    if checkpoints:
+        print()
+        print(checkpoints)
     print(f"curves: {Path(root) / 'curves.png'}")

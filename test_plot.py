@@ -51,3 +51,35 @@ def test_a_results_folder_of_gzipped_logs_draws_as_the_runs_do(tmp_path):
     assert [p.name for p in gz] == ["metrics.jsonl.gz"]
     assert (plot.curve(gz[0], "kl") == plot.curve(plot.run_logs(runs, "grpo")[0], "kl")).all()
     assert plot.table(results) == plot.table(runs)
+
+
+def test_differences_give_points_and_pooled_seed_stds_against_grpo(tmp_path):
+    for seed, accuracy in enumerate((0.50, 0.52, 0.54)):
+        write_run(tmp_path, f"grpo_seed{seed}", accuracy, 30)
+    for seed, accuracy in enumerate((0.54, 0.56, 0.58)):
+        write_run(tmp_path, f"tgrpo_seed{seed}", accuracy, 30)
+    rows = {line.split(" (")[0]: line for line in plot.differences(tmp_path).splitlines()[2:]}
+    # both methods' seeds have sample std 2.0 points: +4.0 points is +2.0 pooled stds; the gap
+    # (ordered - 0.4) moves with the accuracy; write_run logs bonus_granted_mixed 0.6, no credit
+    expected = "| T-GRPO (paper eq. 2-3) (3) | +4.0 | +2.0 | +4.0 | +2.0 | nan | 0.600 | 0.000 | nan |"
+    assert rows["| T-GRPO"] == expected
+    assert rows["| GRPO"].startswith("| GRPO (temporal=False) (3) | +0.0 | +0.0 |")
+
+
+def test_in_seed_stds_is_undefined_below_two_seeds():
+    import numpy as np
+    difference, stds = plot.in_seed_stds(np.array([55.0]), np.array([50.0, 52.0]))
+    assert difference == 4.0 and math.isnan(stds)
+
+
+def test_checkpoint_table_lists_every_checkpoints_eval_by_run_and_step(tmp_path):
+    write_run(tmp_path, "grpo_seed0", 0.52, 30)
+    for step, accuracy in ((300, 0.51), (1200, 0.55)):
+        folder = tmp_path / "grpo_seed0" / f"eval_{step:06d}"
+        folder.mkdir()
+        (folder / "summary.json").write_text((tmp_path / "grpo_seed0" / "eval" / "summary.json")
+                                             .read_text().replace("0.52", str(accuracy)))
+    lines = plot.checkpoint_table(tmp_path).splitlines()
+    assert lines[2:] == ["| grpo_seed0 | 300 | 51.0 | +12.0 | 50.0 |",
+                         "| grpo_seed0 | 1,200 | 55.0 | +12.0 | 50.0 |"]
+    assert plot.checkpoint_table(tmp_path / "grpo_seed0" / "eval") == ""
