@@ -9,7 +9,7 @@
 # It builds what it needs once: the data (python synthetic.py out/synthetic_big --n_rl=2000 --n_eval=2000) and the
 # SFT start (python sft.py --data_dir=out/synthetic_big --max_steps=1000 --out_dir=out/sft1000, bit for bit the same
 # on the same kind of CPU: start.txt keeps its weights' sha256, and a comparison refuses another start).
-# Environment: STEPS LR TEMP TOKENS SFT DATA JOBS RESULTS CKPT EXTRA; METHODS="grpo ..." (a subset).
+# Environment: STEPS LR TEMP TOKENS SFT SFT_STEPS DATA JOBS RESULTS CKPT EXTRA; METHODS="grpo ..." (a subset).
 # Stopped or killed, it goes on where it was when run again: a finished run (its eval written) is kept, an unfinished
 # one resumes from its last checkpoint (every CKPT steps), one killed before its first checkpoint starts again. A
 # longer STEPS resumes the finished runs' checkpoints too (the lr is constant). RESULTS (results/<name>): each run's
@@ -24,6 +24,7 @@ lr=${LR:-5e-5}
 temperature=${TEMP:-0.7}
 tokens=${TOKENS:-96}
 sft=${SFT:-out/sft1000}
+sft_steps=${SFT_STEPS:-1000}  # the SFT start's length, where compare.sh builds it
 data=${DATA:-out/synthetic_big}
 ckpt=${CKPT:-100}
 results=${RESULTS:-}
@@ -45,7 +46,7 @@ if [ ! -f "$data/eval.json" ]; then
   python synthetic.py "$data" --n_rl=2000 --n_eval=2000
 fi
 if [ ! -f "$sft/latest" ]; then
-  python sft.py --data_dir="$data" --max_steps=1000 --out_dir="$sft"
+  python sft.py --data_dir="$data" --max_steps="$sft_steps" --out_dir="$sft"
 fi
 start_sha=$(sha256sum "$sft/$(cat "$sft/latest")/model.safetensors" | cut -d' ' -f1)
 if [ -n "$results" ]; then
