@@ -201,17 +201,24 @@ def differences(root, baseline="grpo"):
 
 def checkpoint_table(root):
     """A markdown table of every per-checkpoint eval under root (run/eval_N/summary.json, as the
-    lever studies keep them): temporal ordered and gap, control ordered, by run and step."""
+    lever studies keep them), after the starts' evals: temporal ordered and gap, control ordered,
+    by run and step ("" where no run has one)."""
+    checkpoints = sorted(Path(root).glob("*/eval_*/summary.json"))
+    if not checkpoints:
+        return ""
+    # the starts first: folders with a final eval that are no method's seed (sft/, sft500/)
+    starts = [p for p in sorted(Path(root).glob("*/eval/summary.json"))
+              if "_seed" not in p.parent.parent.name]
     lines = ["| run | step | temporal ordered % | temporal gap % | control ordered % |",
              "|---|---|---|---|---|"]
-    for path in sorted(Path(root).glob("*/eval_*/summary.json")):
+    for path in starts + checkpoints:
         groups = eval_groups(path)
-        step = int(path.parent.name.split("_")[1])
+        step = "start"
+        if path.parent.name != "eval":
+            step = f"{int(path.parent.name.split('_')[1]):,}"
         temporal, control = groups["temporal"], groups["control"]
-        lines.append(f"| {path.parent.parent.name} | {step:,} | {100 * temporal['ordered']:.1f} "
+        lines.append(f"| {path.parent.parent.name} | {step} | {100 * temporal['ordered']:.1f} "
                      f"| {100 * temporal['gap']:+.1f} | {100 * control['ordered']:.1f} |")
-    if len(lines) == 2:
-        return ""
     return "\n".join(lines)
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def test_checkpoint_table_lists_every_checkpoints_eval_by_run_and_step(tmp_path)
         folder.mkdir()
         (folder / "summary.json").write_text((tmp_path / "grpo_seed0" / "eval" / "summary.json")
                                              .read_text().replace("0.52", str(accuracy)))
+    write_run(tmp_path, "sft", 0.5, 0)
     lines = plot.checkpoint_table(tmp_path).splitlines()
-    assert lines[2:] == ["| grpo_seed0 | 300 | 51.0 | +12.0 | 50.0 |",
+    assert lines[2:] == ["| sft | start | 50.0 | +10.0 | 50.0 |",
+                         "| grpo_seed0 | 300 | 51.0 | +12.0 | 50.0 |",
                          "| grpo_seed0 | 1,200 | 55.0 | +12.0 | 50.0 |"]
     assert plot.checkpoint_table(tmp_path / "grpo_seed0" / "eval") == ""
