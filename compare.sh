@@ -7,7 +7,7 @@
 # the table (RESULTS.md, "Does the temporal reward help?").
 #   bash compare.sh [out/compare] ["0 1 2"]
 # It builds what it needs once: the data (python synthetic.py out/synthetic_big --n_rl=2000 --n_eval=2000) and the
-# SFT start (python sft.py --data_dir=out/synthetic_big --max_steps=1000 --out_dir=out/sft1000, bit for bit the same
+# SFT start (python sft.py --data_dir=out/synthetic_big --max_steps=500 --out_dir=out/sft500, bit for bit the same
 # on the same kind of CPU: start.txt keeps its weights' sha256, and a comparison refuses another start).
 # Environment: STEPS LR TEMP TOKENS SFT SFT_STEPS DATA JOBS RESULTS CKPT EXTRA; METHODS="grpo ..." (a subset).
 # Stopped or killed, it goes on where it was when run again: a finished run (its eval written) is kept, an unfinished
@@ -18,13 +18,13 @@
 set -euo pipefail
 root=${1:-out/compare}
 seeds=${2:-"0 1 2"}
-steps=${STEPS:-1200}  # the length under study from the short-prompt start (RESULTS.md)
+steps=${STEPS:-1200}  # where plain GRPO gains 5 points from the 500-step start (RESULTS.md)
 jobs=${JOBS:-2}
 lr=${LR:-5e-5}
 temperature=${TEMP:-0.7}
 tokens=${TOKENS:-96}
-sft=${SFT:-out/sft1000}
-sft_steps=${SFT_STEPS:-1000}  # the SFT start's length, where compare.sh builds it
+sft=${SFT:-out/sft500}
+sft_steps=${SFT_STEPS:-500}  # the SFT start's length, where compare.sh builds it
 data=${DATA:-out/synthetic_big}
 ckpt=${CKPT:-100}
 results=${RESULTS:-}
