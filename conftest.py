@@ -19,7 +19,8 @@ CORPUS = ["<think>In the first frames the red square is at the left. So it moves
 
 def pytest_configure(config):
     """The `slow` marker: the tests that `python -m pytest -m "not slow"` (the fast loop) leaves
-    out; CI runs them all."""
+    out; CI runs them all. The only pytest_configure here: a second def of it would replace this
+    one (a merge once left two, and the thread pin below was dead)."""
     config.addinivalue_line("markers", "slow: multi-process, DeepSpeed, script runs, over ~2 s")
     # one CPU thread in this process, as the scripts run (threads = 1): the tiny models gain nothing
     # from more, and on 2 cores shared with other jobs, test_decode.py and test_model.py's fast tests
@@ -177,8 +178,3 @@ def run_until_a_model_loads(argvs):
     outcomes = [line for line in lines if line.startswith(tuple(f"{argv[0]} {argv[-1]} -> " for argv in argvs))]
     assert len(outcomes) == len(argvs), result.stdout + result.stderr[-3000:]
     return outcomes, [line for line in lines if line not in outcomes]
-
-
-def pytest_configure(config):
-    # tests of several seconds (script runs): `pytest -m "not slow"` leaves them out
-    config.addinivalue_line("markers", "slow: a test of several seconds, e.g. a script run")
