@@ -185,14 +185,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_eval(toy, out_dir, *args, nproc=1, check=True):
-    """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens to stay fast."""
+    """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens
+    to stay fast."""
     data_dir, model_path = toy
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "eval.py", f"--model_path={model_path}", f"--data={os.path.join(data_dir, 'eval.json')}",
-           f"--out_dir={out_dir}", "--batch_size=4", "--max_new_tokens=8", *args]
-    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [*launcher, "eval.py", f"--model_path={model_path}",
+           f"--data={os.path.join(data_dir, 'eval.json')}", f"--out_dir={out_dir}",
+           "--batch_size=4", "--max_new_tokens=8", *args]
+    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     if not check:
         return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -229,7 +229,8 @@ def test_eval_results_are_byte_identical_with_data_workers(toy, shuffled_run, tm
     eval.py's default)."""
     here = shuffled_run[0]
     run_eval(toy, tmp_path / "w2", "--shuffled=True", "--data_workers=2")
-    outputs = [(out_dir / "results.rank0.jsonl").read_bytes() for out_dir in (here, tmp_path / "w2")]
+    outputs = [(out_dir / "results.rank0.jsonl").read_bytes()
+               for out_dir in (here, tmp_path / "w2")]
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") > 30
     # data_workers changes no answer: a run of 2 workers resumes one of 0
     shutil.copytree(here, tmp_path / "resumed")

@@ -207,10 +207,11 @@ RANK_1_DRIFTS = ON_RANK_1 + ("import common\n    step = common.Optimizer.step\n"
 
 @pytest.mark.slow
 def test_two_plain_torch_ranks_keep_equal_weights(toy, tmp_path):
-    """2 ranks without DeepSpeed average gradients by hand (common.Optimizer.step), so their weights stay equal bit
-    for bit; conftest's check finds a rank whose weights drift (the drift: a stand-in for a bug). The run without
-    drift, which the check passes, is test_two_ranks_resumed_on_one_read_the_records_of_an_uninterrupted_run's
-    first: plain torch on 2 ranks, checkpointed at step 2 (a second run here only repeated it)."""
+    """2 ranks without DeepSpeed average gradients by hand (common.Optimizer.step), so their weights
+    stay equal bit for bit; conftest's check finds a rank whose weights drift (the drift: a stand-in
+    for a bug). The run without drift, which the check passes, is the first run of
+    test_two_ranks_resumed_on_one_read_the_records_of_an_uninterrupted_run: plain torch on 2 ranks,
+    checkpointed at step 2 (a second run here only repeated it)."""
     data_dir, model_path = toy
     code, output = run_script("sft.py", f"--data_dir={data_dir}", f"--model_path={model_path}",
                               f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=2", "--val_records=8", nproc=2,
