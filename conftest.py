@@ -1,5 +1,6 @@
 """Shared pytest fixtures: a small tokenizer with Qwen's special tokens (no hub access exists here or in CI); and
 run_script, which runs a script in its own process(es)."""
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ CORPUS = ["<think>In the first frames the red square is at the left. So it moves
 
 def pytest_configure(config):
     """The `slow` marker: the tests that `python -m pytest -m "not slow"` (the fast loop) leaves
-    out; CI runs them all."""
+    out; CI runs them all. The only pytest_configure here: a second def of it would replace this
+    one (a merge once left two, and the thread pin below was dead)."""
     config.addinivalue_line("markers", "slow: multi-process, DeepSpeed, script runs, over ~2 s")
     # one CPU thread in this process, as the scripts run (threads = 1): the tiny models gain nothing
     # from more, and on 2 cores shared with other jobs, test_decode.py and test_model.py's fast tests
@@ -179,6 +181,31 @@ def run_until_a_model_loads(argvs):
     return outcomes, [line for line in lines if line not in outcomes]
 
 
-def pytest_configure(config):
-    # tests of several seconds (script runs): `pytest -m "not slow"` leaves them out
-    config.addinivalue_line("markers", "slow: a test of several seconds, e.g. a script run")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_eval(toy, out_dir, *args, nproc=1, check=True):
+    """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens
+    to stay fast."""
+    data_dir, model_path = toy
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "eval.py", f"--model_path={model_path}",
+           f"--data={os.path.join(data_dir, 'eval.json')}", f"--out_dir={out_dir}",
+           "--batch_size=4", "--max_new_tokens=8", *args]
+    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if not check:
+        return result
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return json.load(f), result.stdout
+
+
+@pytest.fixture(scope="session")
+def shuffled_run(toy, tmp_path_factory):
+    """One full 1-process eval.py run with the shuffled diagnostic, for the tests that only read it
+    (test_eval.py and test_prefetch.py's 0-worker run): (out_dir, summary, stdout)."""
+    out_dir = tmp_path_factory.mktemp("eval") / "full"
+    return (out_dir, *run_eval(toy, out_dir, "--shuffled=True"))

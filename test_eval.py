@@ -2,32 +2,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 import pytest
 import torch
 import lifecycle
 import data
 import eval as E
 import model as M
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_eval(toy, out_dir, *args, nproc=1, check=True):
-    """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens to stay fast."""
-    data_dir, model_path = toy
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "eval.py", f"--model_path={model_path}", f"--data={os.path.join(data_dir, 'eval.json')}",
-           f"--out_dir={out_dir}", "--batch_size=4", "--max_new_tokens=8", *args]
-    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if not check:
-        return result
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        return json.load(f), result.stdout
+from conftest import run_eval
 
 
 def results_by_key(out_dir):
@@ -36,13 +17,6 @@ def results_by_key(out_dir):
     by_key = {E.key(r): r for r in rows}
     assert len(by_key) == len(rows), "a sample was answered twice"
     return by_key
-
-
-@pytest.fixture(scope="module")
-def shuffled_run(toy, tmp_path_factory):
-    """One full 1-process run with the shuffled diagnostic: (out_dir, summary, stdout)."""
-    out_dir = tmp_path_factory.mktemp("eval") / "full"
-    return (out_dir, *run_eval(toy, out_dir, "--shuffled=True"))
 
 
 def test_mean_relative_accuracy_by_hand():

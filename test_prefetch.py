@@ -20,8 +20,7 @@ import model
 import prefetch
 import sft
 import tgrpo
-from conftest import run_script
-from test_eval import run_eval
+from conftest import run_eval, run_script
 from test_sft import sft_args
 from test_tgrpo import tgrpo_args
 
@@ -224,17 +223,17 @@ def test_tgrpo_steps_are_the_same_with_data_workers(toy, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_results_are_byte_identical_with_data_workers(toy, tmp_path):
+def test_eval_results_are_byte_identical_with_data_workers(toy, shuffled_run, tmp_path):
     """eval.py --shuffled=True answers the same bytes with 0 and 2 workers, and a run resumed with other
-    data_workers keeps its settings."""
-    outputs = []
-    for workers in (0, 2):
-        out_dir = tmp_path / f"w{workers}"
-        run_eval(toy, out_dir, "--shuffled=True", f"--data_workers={workers}")
-        outputs.append((out_dir / "results.rank0.jsonl").read_bytes())
+    data_workers keeps its settings. The 0-worker run is conftest's shuffled_run (data_workers 0 is
+    eval.py's default)."""
+    here = shuffled_run[0]
+    run_eval(toy, tmp_path / "w2", "--shuffled=True", "--data_workers=2")
+    outputs = [(out_dir / "results.rank0.jsonl").read_bytes()
+               for out_dir in (here, tmp_path / "w2")]
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") > 30
     # data_workers changes no answer: a run of 2 workers resumes one of 0
-    shutil.copytree(tmp_path / "w0", tmp_path / "resumed")
+    shutil.copytree(here, tmp_path / "resumed")
     run_eval(toy, tmp_path / "resumed", "--shuffled=True", "--data_workers=2")
 
 

@@ -261,8 +261,11 @@ def test_two_process_zero3_tgrpo_on_the_tiny_qwen3(sft3, tmp_path):
 def test_gpu_check_runs_qwen3_8b_shapes_on_cpu_small():
     """bench.py's GPU check with Qwen3-VL-8B's architecture made narrow (its vocabulary, ids, interleaved M-RoPE,
     DeepStack, timestamped blocks): every measurement prints, and the vision-once log-probs equal transformers'."""
+    # 2 ordered rows and 1 shuffled, as test_bench.py's GPU check: rows still share each clip
     code, output = run_script("bench.py", "configs/bench_gpu.py", "configs/bench_gpu_qwen3.py",
-                              "--random_7b=qwen3_small", "--frames=4", "--height=64", "--width=128", "--new_tokens=3", "--repeats=1")
+                              "--random_7b=qwen3_small", "--frames=4", "--height=64", "--width=128",
+                              "--new_tokens=3", "--repeats=1", "--num_generations=2",
+                              "--num_contrast=1")
     assert code == 0, output[-4000:]
     # a difference of two timed calls at 3 new tokens: negative on a loaded CPU at times
     assert re.search(r"decode   LoRA rank 64 -?[\d.]+ ms/token", output)

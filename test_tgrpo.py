@@ -3,8 +3,6 @@ bit-exact resume, 2-process DeepSpeed runs, and LoRA (adapters only trained, the
 import json
 import os
 import shutil
-import subprocess
-import sys
 import numpy as np
 import pytest
 import torch
@@ -18,8 +16,6 @@ import model as M
 import sft
 import tgrpo
 from conftest import ON_RANK_1, RANK_1_CLIPS_FAIL, run_script, run_until_a_model_loads
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def naive_loss(logp, old, ref, adv, mask, eps, beta):
@@ -422,10 +418,15 @@ def test_every_paper_config_loads_and_enumerations_are_checked(tmp_path):
     for name in ("lora_1gpu", "lora_multi", "lora_3b"):  # each on top of the paper config
         config = tgrpo.common.configure(dict(vars(tgrpo)), ["configs/tgrpo_paper.py", f"configs/tgrpo_{name}.py"])
         assert config["lora_rank"] == 64 and config["out_dir"] == f"out/tgrpo_{name}" and lifecycle.lora_config(config)
-    for bad in ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--bonus_to=x", "--loss_norm=x"):
-        result = subprocess.run([sys.executable, "tgrpo.py", bad, "--init_from=/nonexistent"], cwd=HERE,
-                                capture_output=True, text=True)
-        assert result.returncode != 0 and bad[2:].split("=")[0] in result.stderr.splitlines()[-1], result.stderr[-500:]
+    # each bad value refused by tgrpo.py's own start (one process for all: a start imports for
+    # ~7 s), with an error that names the key, before any model loads
+    bads = ("--temporal_rule=x", "--mu=abc", "--correct_threshold=high", "--bonus_to=x",
+            "--loss_norm=x")
+    argvs = [["tgrpo.py", "--init_from=/nonexistent", bad] for bad in bads]
+    lines, _ = run_until_a_model_loads(argvs)
+    for bad, line in zip(bads, lines):
+        error = line.split(" -> ", 1)[1]
+        assert not error.startswith("SystemExit") and bad[2:].split("=")[0] in error, line
 
 
 @pytest.mark.parametrize("bonus_to, scale, acts", [("reward", True, False), ("advantage", True, True),
@@ -558,34 +559,54 @@ def test_lora_checkpoint_holds_the_adapter_and_a_merged_folder(toy, monkeypatch,
         torch.testing.assert_close(logprobs(eval_model), policy, atol=1e-5, rtol=0)
 
 
+LORA_ARGS = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1")
+ZERO2 = "--deepspeed=configs/ds_zero2.json"
+
+
+@pytest.fixture(scope="module")
+def lora_zero2(rl_ready, tmp_path_factory):
+    """A 4-step LoRA run under ZeRO-2 on 2 ranks: (run folder, metrics). Two tests read it (each
+    2-rank run costs three processes' start-up): test_lora_resume_is_bit_exact's uninterrupted run
+    and test_lora_under_zero3_equals_zero2's ZeRO-2 side."""
+    out_dir = tmp_path_factory.mktemp("lora") / "zero2"
+    return out_dir, run_tgrpo(rl_ready, out_dir, *LORA_ARGS, ZERO2, nproc=2)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,extra", [(1, ()), (2, ("--deepspeed=configs/ds_zero2.json",))])
-def test_lora_resume_is_bit_exact(rl_ready, tmp_path, nproc, extra):
+@pytest.mark.parametrize("nproc,extra", [(1, ()), (2, (ZERO2,))])
+def test_lora_resume_is_bit_exact(rl_ready, tmp_path, request, nproc, extra):
     """A LoRA run resumed from its adapter (on the base it started from) and optimizer state continues bit-exactly."""
-    args = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1", *extra)
-    straight = run_tgrpo(rl_ready, tmp_path / "a", *args, nproc=nproc)
+    args = (*LORA_ARGS, *extra)
+    if nproc == 2:  # the same command as lora_zero2's: its run
+        straight_dir, straight = request.getfixturevalue("lora_zero2")
+    else:
+        straight_dir = tmp_path / "a"
+        straight = run_tgrpo(rl_ready, straight_dir, *args)
     run_tgrpo(rl_ready, tmp_path / "b", "--run_steps=2", *args, nproc=nproc)
     resumed = run_tgrpo(rl_ready, tmp_path / "b", "--resume=True", *args, nproc=nproc)
     keys = ["step", "reward", "accuracy", "format", "loss", "kl", "grad_norm"]
     assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
     assert max(m["grad_norm"] for m in straight) > 0 and max(m["kl"] for m in straight) > 0  # it really trained
-    a, b = (load_file(tmp_path / run / "step_000004" / lifecycle.ADAPTER / "adapter_model.safetensors") for run in "ab")
+    a, b = (load_file(run / "step_000004" / lifecycle.ADAPTER / "adapter_model.safetensors")
+            for run in (straight_dir, tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in a.items())
 
 
 @pytest.mark.slow
-def test_lora_under_zero3_equals_zero2(rl_ready, tmp_path):
-    """ZeRO-3 partitions the frozen base too (here every weight: persistence threshold 0), and checkpointed layers
-    and head slices recompute with it gathered again. With gradient checkpointing, the first update's loss, KL and
-    gradient norm (same rollouts) match ZeRO-2's, where every rank holds the whole base."""
+def test_lora_under_zero3_equals_zero2(rl_ready, lora_zero2, tmp_path):
+    """ZeRO-3 partitions the frozen base too (here every weight: persistence threshold 0), and
+    checkpointed layers and head slices recompute with it gathered again. With gradient
+    checkpointing, the first update's loss, KL and gradient norm (same rollouts) match ZeRO-2's,
+    where every rank holds the whole base: lora_zero2's first step, measured before any update, so
+    its 4 steps and its backward without checkpointing give the same numbers (a recompute with a
+    wrong base would not)."""
     ds = json.load(open("configs/ds_zero3.json"))
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    args = ("--lora_rank=4", "--lora_merger=True", "--max_new_tokens=20", "--seed=1", "--max_steps=1",
-            "--grad_ckpt=True")
-    two, three = (run_tgrpo(rl_ready, tmp_path / name, f"--deepspeed={config}", *args, nproc=2)
-                  for name, config in (("zero2", "configs/ds_zero2.json"), ("zero3", tmp_path / "zero3.json")))
+    three = run_tgrpo(rl_ready, tmp_path / "zero3", f"--deepspeed={tmp_path / 'zero3.json'}",
+                      *LORA_ARGS, "--max_steps=1", "--grad_ckpt=True", nproc=2)
+    two = lora_zero2[1]
     assert two[0]["reward"] == three[0]["reward"] and two[0]["grad_norm"] > 0
     for key in ("loss", "kl", "grad_norm"):
         assert three[0][key] == pytest.approx(two[0][key], rel=1e-4, abs=1e-7), key
