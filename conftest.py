@@ -1,5 +1,6 @@
 """Shared pytest fixtures: a small tokenizer with Qwen's special tokens (no hub access exists here or in CI); and
 run_script, which runs a script in its own process(es)."""
+import glob
 import json
 import os
 import signal
@@ -147,9 +148,34 @@ def run_script(script, *args, nproc=1, before="", timeout=300):
     try:
         output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
+        # torchrun starts each rank in a session of its own: killing the launcher's group alone
+        # leaves the ranks holding the output pipe, and communicate() would then wait on them
+        for pid in process_tree(proc.pid):
+            kill_if_alive(pid)
         os.killpg(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0] + f"\n[killed after {timeout} s: a hang]"
     return proc.returncode, output
+
+
+def process_tree(pid):
+    """pid and all its descendants, from Linux's /proc/PID/task/TID/children lists."""
+    tree = [pid]
+    for parent in tree:  # the list grows as the walk finds children
+        for children in glob.glob(f"/proc/{parent}/task/*/children"):
+            try:
+                with open(children) as f:
+                    tree.extend(int(child) for child in f.read().split())
+            except FileNotFoundError:  # that thread or process ended during the walk
+                continue
+    return tree
+
+
+def kill_if_alive(pid):
+    """SIGKILL pid; one that has already ended is fine."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
 
 
 UNTIL_A_MODEL_LOADS = """
