@@ -2,6 +2,7 @@
 import os
 import threading
 import time
+import pytest
 from conftest import run_script
 
 HANGS = """
@@ -23,6 +24,7 @@ def alive(pid):
     return True
 
 
+@pytest.mark.slow  # a script run and a 5 s timeout
 def test_a_hang_is_killed_with_the_children_in_their_own_sessions(tmp_path):
     script = tmp_path / "hangs.py"
     script.write_text(HANGS)
