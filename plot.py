@@ -129,7 +129,7 @@ def final_evals(root, method):
 
 
 def table(root):
-    """A markdown table of eval accuracy (ROWS), mean +- std over seeds, SFT's start first; the
+    """A markdown table of eval accuracy (ROWS), mean +- sample std over seeds, SFT's start first; the
     ordered and shuffled cells add [the binomial error of one eval] of that many videos."""
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
@@ -140,13 +140,21 @@ def table(root):
         cells = []
         for family, metric in ROWS:
             values = 100 * np.array([g[family][metric] for g in groups])
+            std = seed_std(values)
             if metric == "gap":
-                cells.append(f"{values.mean():+.1f} ± {values.std():.1f}")
+                cells.append(f"{values.mean():+.1f} ± {std:.1f}")
                 continue
             error = 100 * binomial_error(values.mean() / 100, groups[0][family]["videos"])
-            cells.append(f"{values.mean():.1f} ± {values.std():.1f} [{error:.1f}]")
+            cells.append(f"{values.mean():.1f} ± {std:.1f} [{error:.1f}]")
         lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seed_std(values):
+    """The sample std over seeds (ddof 1), 0 for a single run (the start)."""
+    if len(values) < 2:
+        return 0.0
+    return float(values.std(ddof=1))
 
 
 def in_seed_stds(values, baseline):
@@ -227,7 +235,7 @@ if __name__ == "__main__":
         root = sys.argv[1]
     plot(root)
     print(table(root))
-    print("mean ± std over seeds; [ ]: the binomial standard error of one eval of that many videos")
+    print("mean ± sample std over seeds; [ ]: the binomial error of one eval of that many videos")
     print()
     print(differences(root))
     print("seed stds: the difference over the pooled sample std of the two methods' seeds")

@@ -25,7 +25,8 @@ def test_table_gives_mean_std_and_the_binomial_error(tmp_path):
     lines = plot.table(tmp_path).splitlines()
     assert lines[2].startswith("| SFT (start) (1) | 50.0 ± 0.0 [1.3] |")
     error = 100 * math.sqrt(0.54 * 0.46 / 1400)  # 1.33: the mean's binomial error over 1,400 videos
-    assert lines[3].startswith(f"| GRPO (temporal=False) (2) | 54.0 ± 2.0 [{error:.1f}] |"), lines[3]
+    # two seeds 4 points apart: a sample std of 2.83
+    assert lines[3].startswith(f"| GRPO (temporal=False) (2) | 54.0 ± 2.8 [{error:.1f}] |"), lines[3]
 
 
 def test_curves_leave_out_a_run_still_in_its_first_steps(tmp_path, capsys):
