@@ -12,6 +12,7 @@ import lifecycle
 import model
 import synthetic
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts' folder: every script run's cwd
 CORPUS = ["<think>In the first frames the red square is at the left. So it moves right.</think>\n<answer>B</answer>",
           "What colour is the square? Options:\nA. red\nB. green\nC. blue\nD. yellow\n",
           "Please think about this question as if you were a human pondering deeply. Provide your detailed reasoning "
@@ -143,7 +144,7 @@ def run_script(script, *args, nproc=1, before="", timeout=300):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "--no-python"] if nproc > 1 else []
     proc = subprocess.Popen([*launcher, sys.executable, "-c", code, script, *map(str, args)], text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output = proc.communicate(timeout=timeout)[0]
@@ -199,15 +200,12 @@ def run_until_a_model_loads(argvs):
     Returns the lines "script last-arg -> ErrorType first line of its message", one per argv, and the other lines
     printed (notes)."""
     result = subprocess.run([sys.executable, "-c", UNTIL_A_MODEL_LOADS.format(argvs=argvs)], text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            cwd=HERE, capture_output=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = result.stdout.splitlines()
     outcomes = [line for line in lines if line.startswith(tuple(f"{argv[0]} {argv[-1]} -> " for argv in argvs))]
     assert len(outcomes) == len(argvs), result.stdout + result.stderr[-3000:]
     return outcomes, [line for line in lines if line not in outcomes]
-
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_eval(toy, out_dir, *args, nproc=1, check=True):
