@@ -139,7 +139,7 @@ def table(root):
             continue
         cells = []
         for family, metric in ROWS:
-            values = 100 * np.array([g[family][metric] for g in groups])
+            values = percent(groups, family, metric)
             std = seed_std(values)
             if metric == "gap":
                 cells.append(f"{values.mean():+.1f} ± {std:.1f}")
@@ -148,6 +148,11 @@ def table(root):
             cells.append(f"{values.mean():.1f} ± {std:.1f} [{error:.1f}]")
         lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def percent(groups, family, metric):
+    """One eval metric of each seed (eval_groups), in percent: [seeds]."""
+    return 100 * np.array([g[family][metric] for g in groups])
 
 
 def seed_std(values):
@@ -177,16 +182,16 @@ def run_mean(path, key):
     return float(np.nanmean(values))
 
 
-def differences(root, baseline="grpo"):
-    """A markdown table of each method against `baseline`: the difference of the mean temporal
+def differences(root):
+    """A markdown table of each method against plain GRPO: the difference of the mean temporal
     accuracy and of the temporal ordered-shuffled gap, in points and in pooled seed stds, and
     what the bonus did in training (BONUS_STATS: each run's mean over its steps, mean over
     seeds)."""
-    base = final_evals(root, baseline)
+    base = final_evals(root, "grpo")
     if not base:
-        return f"(no {baseline} runs with an eval under {root})"
-    base_accuracy = 100 * np.array([g["temporal"]["ordered"] for g in base])
-    base_gap = 100 * np.array([g["temporal"]["gap"] for g in base])
+        return f"(no grpo runs with an eval under {root})"
+    base_accuracy = percent(base, "temporal", "ordered")
+    base_gap = percent(base, "temporal", "gap")
     header = ("| method (seeds) | temporal ordered %, minus GRPO | in seed stds "
               "| temporal gap %, minus GRPO | in seed stds | "
               + " | ".join(label for _, label in BONUS_STATS) + " |")
@@ -195,8 +200,8 @@ def differences(root, baseline="grpo"):
         groups = final_evals(root, method)
         if not groups:
             continue
-        accuracy = 100 * np.array([g["temporal"]["ordered"] for g in groups])
-        gap = 100 * np.array([g["temporal"]["gap"] for g in groups])
+        accuracy = percent(groups, "temporal", "ordered")
+        gap = percent(groups, "temporal", "gap")
         accuracy_difference, accuracy_stds = in_seed_stds(accuracy, base_accuracy)
         gap_difference, gap_stds = in_seed_stds(gap, base_gap)
         logs = run_logs(root, method)
