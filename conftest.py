@@ -1,11 +1,15 @@
 """Shared pytest fixtures: a small tokenizer with Qwen's special tokens (no hub access exists here or in CI); and
-run_script, which runs a script in its own process(es)."""
+run_script and run_eval, which run a script in a process of its own (forked from a server that has
+imported the libraries once) or in torchrun's ranks."""
 import glob
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+from typing import NamedTuple
 import pytest
 import torch
 import lifecycle
@@ -29,6 +33,8 @@ def pytest_configure(config):
     # from more, and on 2 cores shared with other jobs, test_decode.py and test_model.py's fast tests
     # took 53 s on two threads against 7 s on one
     torch.set_num_threads(1)
+    # and in the script runs' fork server (run_forked), whose torch reads it as it imports
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -135,27 +141,106 @@ lifecycle.save_checkpoint = weights_checked(lifecycle.save_checkpoint)
 """
 
 
+# A single-process script run forks from a server that has imported the third-party libraries once
+# (multiprocessing's forkserver, with PRELOAD): a fresh interpreter spends about 7 s of CPU importing
+# torch, transformers, peft and the model classes, which was most of a toy run's cost and, over the
+# suite's ~60 such runs, about a quarter of CI's CPU time. Each run is still a process of its own, in a
+# session of its own, importing the scripts' modules anew, so a run leaves nothing behind for the next.
+# Multi-rank runs go through torch.distributed.run as a user's do.
+PRELOAD = ["torch", "numpy", "decord", "PIL.Image", "peft", "rouge_score.rouge_scorer", "transformers",
+           "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+           "transformers.models.qwen3_vl.modeling_qwen3_vl"]
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(PRELOAD)
+IN_A_FORK = """
+import os, sys
+os.setsid()  # a session of its own, as a fresh process has: a hang is killed with what it started
+os.chdir({here!r})
+os.environ.clear()  # the caller's environment now, not the server's from when it started
+os.environ.update(caller_environment)
+for fd, path in ((1, {stdout!r}), (2, {stderr!r})):
+    opened = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(opened, fd)
+    os.close(opened)
+sys.stdout.reconfigure(line_buffering=True)
+sys.argv = {argv!r}
+"""
+
+
+RUN_ARGV = "import runpy, sys; sys.path.insert(0, '.')\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+class Finished(NamedTuple):
+    """How a script run ended: its exit code (negative: killed by that signal) and its output."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_forked(code, argv, timeout, merged):
+    """Run Python `code` with sys.argv = argv in a process forked from the preloaded server, cwd this
+    folder; stderr into stdout if `merged`. A run that outlives `timeout` seconds is killed with every
+    process it started."""
+    with tempfile.TemporaryDirectory() as folder:
+        stdout = os.path.join(folder, "stdout")
+        stderr = stdout
+        if not merged:
+            stderr = os.path.join(folder, "stderr")
+        for path in {stdout, stderr}:
+            open(path, "w").close()
+        prefix = IN_A_FORK.format(here=HERE, stdout=stdout, stderr=stderr, argv=list(argv))
+        names = {"__name__": "__forked__", "caller_environment": dict(os.environ, OMP_NUM_THREADS="1")}
+        proc = FORKS.Process(target=exec, args=(prefix + code, names))
+        proc.start()
+        proc.join(timeout)
+        killed = proc.exitcode is None
+        if killed:
+            kill_tree(proc.pid)
+            proc.join()
+        out = read_text(stdout)
+        err = read_text(stderr)
+    if killed:
+        out += f"\n[killed after {timeout} s: a hang]"
+    return Finished(proc.exitcode, out, err)
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def run_script(script, *args, nproc=1, before="", timeout=300):
-    """Run `script` with `args` from this folder, under torch.distributed.run when nproc > 1 (with the check above);
-    `before` is Python run first in every process (a test's stand-in for a broken input). A run that outlives
-    `timeout` seconds (a hang) is killed with all its processes. Returns (exit code, stdout + stderr)."""
-    code = (f"import runpy, sys; sys.path.insert(0, '.')\n{SAME_WEIGHTS_ON_RANKS * (nproc > 1)}\n{before}\n"
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    """Run `script` with `args` from this folder: forked from the preloaded server (above), or under
+    torch.distributed.run when nproc > 1 (with the check above); `before` is Python run first in every
+    process (a test's stand-in for a broken input). A run that outlives `timeout` seconds (a hang) is
+    killed with all its processes. Returns (exit code, stdout + stderr)."""
+    code = f"{SAME_WEIGHTS_ON_RANKS * (nproc > 1)}\n{before}\n{RUN_ARGV}"
+    argv = [script, *map(str, args)]
+    if nproc == 1:
+        finished = run_forked(code, argv, timeout, merged=True)
+        return finished.returncode, finished.stdout
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "--no-python"] if nproc > 1 else []
-    proc = subprocess.Popen([*launcher, sys.executable, "-c", code, script, *map(str, args)], text=True,
-                            cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                "--no-python", sys.executable, "-c", "import sys; sys.argv = sys.argv[1:]\n" + code]
+    proc = subprocess.Popen([*launcher, *argv], text=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         # torchrun starts each rank in a session of its own: killing the launcher's group alone
         # leaves the ranks holding the output pipe, and communicate() would then wait on them
-        for pid in process_tree(proc.pid):
-            kill_if_alive(pid)
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         output = proc.communicate()[0] + f"\n[killed after {timeout} s: a hang]"
     return proc.returncode, output
+
+
+def kill_tree(pid):
+    """SIGKILL pid, every process it started, and its session's process group (pid leads one)."""
+    for member in process_tree(pid):
+        kill_if_alive(member)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group's last process has gone already
+        return
 
 
 def process_tree(pid):
@@ -209,17 +294,18 @@ def run_until_a_model_loads(argvs):
 
 
 def run_eval(toy, out_dir, *args, nproc=1, check=True):
-    """eval.py as a subprocess on the toy eval set (or --data=...), small batches and 8 new tokens
-    to stay fast."""
+    """eval.py on the toy eval set (or --data=...), small batches and 8 new tokens to stay fast: forked
+    from the preloaded server, or under torch.distributed.run when nproc > 1. With check, the run must
+    succeed: returns (summary, stdout); else a Finished (returncode, stdout, stderr apart)."""
     data_dir, model_path = toy
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "eval.py", f"--model_path={model_path}",
-           f"--data={os.path.join(data_dir, 'eval.json')}", f"--out_dir={out_dir}",
-           "--batch_size=4", "--max_new_tokens=8", *args]
-    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    argv = ["eval.py", f"--model_path={model_path}", f"--data={os.path.join(data_dir, 'eval.json')}",
+            f"--out_dir={out_dir}", "--batch_size=4", "--max_new_tokens=8", *args]
+    if nproc == 1:
+        result = run_forked(RUN_ARGV, argv, 300, merged=False)
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        result = subprocess.run([*launcher, *argv], cwd=HERE, capture_output=True, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     if not check:
         return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+import transformers
 
 MERGE = 2  # 2x2 patches merge into one LLM token, in both families
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as Qwen2.5-VL's processor uses
@@ -113,7 +113,7 @@ def timestamped_blocks(clip):
 
 @dataclass(frozen=True)
 class Family:
-    model_class: type
+    class_name: str        # its transformers class, imported where a model is built (model_class)
     patch: int             # the ViT's patch side in pixels; a token covers MERGE x MERGE patches
     image_mean: tuple      # the pixels' normalisation, per RGB channel
     image_std: tuple
@@ -123,12 +123,18 @@ class Family:
     deepstack: bool        # the vision tower's DeepStack features join the first language layers
     qk_norm: bool          # attention normalises q and k per head before RoPE
 
+    @property
+    def model_class(self):
+        """The transformers class, imported on first use: its module pulls in most of transformers
+        (about 5 s of CPU), which a data worker, decoding clips and writing prompts, never needs."""
+        return getattr(transformers, self.class_name)
+
 
 FAMILIES = {
-    "qwen2_5_vl": Family(Qwen2_5_VLForConditionalGeneration, 14, CLIP_MEAN, CLIP_STD,
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", 14, CLIP_MEAN, CLIP_STD,
                          qwen2_5_positions, one_block,
                          timestamps=False, deepstack=False, qk_norm=False),
-    "qwen3_vl": Family(Qwen3VLForConditionalGeneration, 16, HALF, HALF,
+    "qwen3_vl": Family("Qwen3VLForConditionalGeneration", 16, HALF, HALF,
                        qwen3_positions, timestamped_blocks,
                        timestamps=True, deepstack=True, qk_norm=True),
 }
