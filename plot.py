@@ -1,6 +1,7 @@
-"""Curves and the result table of compare.sh: T-GRPO and its variants against plain GRPO, mean +-
-std over seeds. `python plot.py out/compare` draws the CURVES into curves.png there and prints a
-markdown table of eval accuracy."""
+"""Curves and the result tables of compare.sh: T-GRPO and its variants against plain GRPO, mean +-
+std over seeds. `python plot.py out/compare` draws the CURVES into curves.png there and prints
+markdown tables: eval accuracy, each method against GRPO, each seed, each family, each
+checkpoint."""
 import gzip
 import json
 import sys
@@ -129,8 +130,8 @@ def final_evals(root, method):
 
 
 def table(root):
-    """A markdown table of eval accuracy (ROWS), mean +- sample std over seeds, SFT's start first; the
-    ordered and shuffled cells add [the binomial error of one eval] of that many videos."""
+    """A markdown table of eval accuracy (ROWS), mean +- sample std over seeds, SFT's start first;
+    the ordered and shuffled cells add [the binomial error of one eval] of that many videos."""
     header = "| model | " + " | ".join(f"{family} {metric} %" for family, metric in ROWS) + " |"
     lines = [header, "|---" * (len(ROWS) + 1) + "|"]
     for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
@@ -212,6 +213,45 @@ def differences(root):
     return "\n".join(lines)
 
 
+def seeds_table(root):
+    """A markdown table of each seed's final temporal ordered accuracy (and gap), by method: the
+    values behind the table's mean ± std."""
+    seeds = sorted({int(p.parent.parent.name.rsplit("_seed", 1)[1])
+                    for p in Path(root).glob("*_seed*/eval/summary.json")})
+    lines = ["| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+             "|---" * (len(seeds) + 1) + "|"]
+    for method, label in methods(root).items():
+        cells = []
+        for seed in seeds:
+            path = Path(root) / f"{method}_seed{seed}" / "eval" / "summary.json"
+            cell = "-"  # not run yet, or without an eval
+            if path.exists():
+                temporal = eval_groups(path)["temporal"]
+                cell = f"{100 * temporal['ordered']:.1f} ({100 * temporal['gap']:+.1f})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def families_table(root):
+    """A markdown table of each family's ordered accuracy in percent, mean over seeds, by method
+    (the SFT start first): where a method gains or loses."""
+    rows = []  # (label, eval_groups of each seed) of every model with an eval
+    for method, label in [("sft", "SFT (start)"), *methods(root).items()]:
+        groups = final_evals(root, method)
+        if groups:
+            rows.append((label, groups))
+    if not rows:
+        return f"(no evals under {root})"
+    families = sorted(name for name in rows[0][1][0] if name.startswith("family="))
+    lines = ["| model | " + " | ".join(name.split("=")[1] for name in families) + " |",
+             "|---" * (len(families) + 1) + "|"]
+    for label, groups in rows:
+        cells = [f"{percent(groups, name, 'ordered').mean():.1f}" for name in families]
+        lines.append(f"| {label} ({len(groups)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def checkpoint_table(root):
     """A markdown table of every per-checkpoint eval under root (run/eval_N/summary.json, as the
     lever studies keep them), after the starts' evals: temporal ordered and gap, control ordered,
@@ -244,6 +284,12 @@ if __name__ == "__main__":
     print()
     print(differences(root))
     print("seed stds: the difference over the pooled sample std of the two methods' seeds")
+    print()
+    print(seeds_table(root))
+    print("temporal ordered % (gap) of each run")
+    print()
+    print(families_table(root))
+    print("ordered % by family, mean over seeds")
     checkpoints = checkpoint_table(root)
     if checkpoints:
         print()

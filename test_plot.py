@@ -86,3 +86,27 @@ def test_checkpoint_table_lists_every_checkpoints_eval_by_run_and_step(tmp_path)
                          "| grpo_seed0 | 300 | 51.0 | +12.0 | 50.0 |",
                          "| grpo_seed0 | 1,200 | 55.0 | +12.0 | 50.0 |"]
     assert plot.checkpoint_table(tmp_path / "grpo_seed0" / "eval") == ""
+
+
+def test_seeds_table_gives_each_runs_value_and_a_dash_where_none_is(tmp_path):
+    write_run(tmp_path, "grpo_seed0", 0.52, 30)
+    write_run(tmp_path, "grpo_seed2", 0.55, 30)
+    write_run(tmp_path, "tgrpo_seed0", 0.5, 30)
+    lines = plot.seeds_table(tmp_path).splitlines()
+    assert lines[0] == "| method | seed 0 | seed 2 |"
+    assert lines[2:] == ["| GRPO (temporal=False) | 52.0 (+12.0) | 55.0 (+15.0) |",
+                         "| T-GRPO (paper eq. 2-3) | 50.0 (+10.0) | - |"]
+
+
+def test_families_table_averages_each_family_over_seeds(tmp_path):
+    for seed, order in enumerate((0.6, 0.8)):
+        write_run(tmp_path, f"grpo_seed{seed}", 0.5, 30)
+        path = tmp_path / f"grpo_seed{seed}" / "eval" / "summary.json"
+        summary = json.loads(path.read_text())
+        groups = summary["benchmarks"]["eval"]["groups"]
+        groups["family=order"] = dict(videos=200, ordered=order, shuffled=0.3, gap=order - 0.3)
+        groups["family=ocr"] = dict(videos=200, ordered=0.9, shuffled=0.5, gap=0.4)
+        path.write_text(json.dumps(summary))
+    lines = plot.families_table(tmp_path).splitlines()
+    assert lines[0] == "| model | ocr | order |"
+    assert lines[2:] == ["| GRPO (temporal=False) (2) | 90.0 | 70.0 |"]
