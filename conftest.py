@@ -33,7 +33,8 @@ def pytest_configure(config):
     # from more, and on 2 cores shared with other jobs, test_decode.py and test_model.py's fast tests
     # took 53 s on two threads against 7 s on one
     torch.set_num_threads(1)
-    # and in the script runs' fork server (run_forked), whose torch reads it as it imports
+    # and in every script run the suite starts (forked or launched, they inherit this environment),
+    # whose torch reads it as it imports
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
@@ -189,7 +190,7 @@ def run_forked(code, argv, timeout, merged):
         for path in {stdout, stderr}:
             open(path, "w").close()
         prefix = IN_A_FORK.format(here=HERE, stdout=stdout, stderr=stderr, argv=list(argv))
-        names = {"__name__": "__forked__", "caller_environment": dict(os.environ, OMP_NUM_THREADS="1")}
+        names = {"__name__": "__forked__", "caller_environment": dict(os.environ)}
         proc = FORKS.Process(target=exec, args=(prefix + code, names))
         proc.start()
         proc.join(timeout)
@@ -209,6 +210,11 @@ def read_text(path):
         return f.read()
 
 
+def torchrun(nproc):
+    """The launcher a user runs for nproc ranks on this machine (each rank a fresh interpreter)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def run_script(script, *args, nproc=1, before="", timeout=300):
     """Run `script` with `args` from this folder: forked from the preloaded server (above), or under
     torch.distributed.run when nproc > 1 (with the check above); `before` is Python run first in every
@@ -219,10 +225,10 @@ def run_script(script, *args, nproc=1, before="", timeout=300):
     if nproc == 1:
         finished = run_forked(code, argv, timeout, merged=True)
         return finished.returncode, finished.stdout
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "--no-python", sys.executable, "-c", "import sys; sys.argv = sys.argv[1:]\n" + code]
-    proc = subprocess.Popen([*launcher, *argv], text=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    in_each_rank = "import sys; sys.argv = sys.argv[1:]\n" + code
+    launcher = [*torchrun(nproc), "--no-python", sys.executable, "-c", in_each_rank]
+    proc = subprocess.Popen([*launcher, *argv], text=True, cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
@@ -285,8 +291,7 @@ def run_until_a_model_loads(argvs):
     Returns the lines "script last-arg -> ErrorType first line of its message", one per argv, and the other lines
     printed (notes)."""
     result = subprocess.run([sys.executable, "-c", UNTIL_A_MODEL_LOADS.format(argvs=argvs)], text=True,
-                            cwd=HERE, capture_output=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            cwd=HERE, capture_output=True)
     lines = result.stdout.splitlines()
     outcomes = [line for line in lines if line.startswith(tuple(f"{argv[0]} {argv[-1]} -> " for argv in argvs))]
     assert len(outcomes) == len(argvs), result.stdout + result.stderr[-3000:]
@@ -303,9 +308,7 @@ def run_eval(toy, out_dir, *args, nproc=1, check=True):
     if nproc == 1:
         result = run_forked(RUN_ARGV, argv, 300, merged=False)
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        result = subprocess.run([*launcher, *argv], cwd=HERE, capture_output=True, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        result = subprocess.run([*torchrun(nproc), *argv], cwd=HERE, capture_output=True, text=True)
     if not check:
         return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

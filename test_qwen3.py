@@ -4,8 +4,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import types
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import family
 import lifecycle
 import model as M
 import synthetic
-from conftest import assert_matches_transformers, encode_text, ours_with_grads, random_clip, run_script
+from conftest import assert_matches_transformers, encode_text, ours_with_grads, random_clip, run_eval, run_script
 
 
 def test_tiny_qwen3_loads_as_its_family(tiny3, tiny):
@@ -221,14 +219,9 @@ def test_tgrpo_and_eval_run_the_tiny_qwen3_end_to_end(sft3, tmp_path, timestamps
     config = json.load(open(tmp_path / "tgrpo" / "step_000002" / "config.json"))
     assert config["model_type"] == "qwen3_vl"
     data_dir, _ = sft3
-    result = subprocess.run([sys.executable, "eval.py", f"--model_path={tmp_path / 'tgrpo'}",
-                             f"--data={os.path.join(data_dir, 'eval.json')}", f"--out_dir={tmp_path / 'eval'}",
-                             "--batch_size=4", "--max_new_tokens=4", "--shuffled=True",
-                             f"--contrast_timestamps={timestamps}"],
-                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-4000:]
-
+    summary, _ = run_eval((data_dir, tmp_path / "tgrpo"), tmp_path / "eval", "--shuffled=True",
+                          f"--contrast_timestamps={timestamps}")
+    assert summary["samples"] > 0 and summary["failed"] == 0
 
 def test_contrast_keeps_timestamps_in_order_unless_told(toy, tiny3):
     """The default contrast clip shuffles the frames under timestamps in time order (the prompt is the ordered one's);
