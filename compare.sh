@@ -64,7 +64,8 @@ if [ -n "$results" ]; then
     echo "made by: $sft_command"
     echo "data: $data, rl.json sha256 $(sha256sum "$data/rl.json" | cut -d' ' -f1), eval.json sha256 $(sha256sum "$data/eval.json" | cut -d' ' -f1)"
     echo "(the default data: python synthetic.py out/synthetic_big --n_rl=2000 --n_eval=2000)"
-    echo "STEPS=$steps LR=$lr TEMP=$temperature TOKENS=$tokens EXTRA=\"$extra\" bash compare.sh $root \"$seeds\""
+    echo "STEPS=$steps LR=$lr TEMP=$temperature TOKENS=$tokens EXTRA=\"$extra\" METHODS=\"$chosen\"" \
+      "bash compare.sh $root \"$seeds\" (this call's; earlier calls' runs are kept)"
   } > "$results/start.txt"
 fi
 
