@@ -223,6 +223,7 @@ def test_tgrpo_and_eval_run_the_tiny_qwen3_end_to_end(sft3, tmp_path, timestamps
                           f"--contrast_timestamps={timestamps}")
     assert summary["samples"] > 0 and summary["failed"] == 0
 
+
 def test_contrast_keeps_timestamps_in_order_unless_told(toy, tiny3):
     """The default contrast clip shuffles the frames under timestamps in time order (the prompt is the ordered one's);
     contrast_timestamps="shuffled" moves the timestamps with their frames, so the prompt differs."""
